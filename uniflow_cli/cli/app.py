@@ -1,0 +1,113 @@
+"""The ``uniflow`` command: registers one module per subcommand and formats errors at one boundary.
+
+Every :class:`~uniflow_cli.errors.UniflowError` raised below becomes one red line on stderr and the
+error's exit code (1, or 2 for usage errors). ``UNIFLOW_DEBUG=1`` adds the traceback. Command modules
+import torch and the heavy libraries inside their function bodies, so ``uniflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from uniflow_cli import __version__
+from uniflow_cli.errors import UniflowError
+
+
+def _debug() -> bool:
+    return os.environ.get("UNIFLOW_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+class UniflowGroup(TyperGroup):
+    """The single error boundary: everything a subcommand raises passes through here."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UniflowError as exc:
+            from uniflow_cli.cli.console import err
+
+            if _debug():
+                err.print_exception()
+            err.print(f"[bold red]error:[/bold red] {_escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit):
+            raise
+        except KeyboardInterrupt:
+            raise
+        except OSError as exc:  # disk full, permission denied, ...: the user can act on these
+            from uniflow_cli.cli.console import err
+
+            if _debug():
+                err.print_exception()
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            err.print(f"[bold red]error:[/bold red] {_escape(exc.strerror or str(exc))}{_escape(where)}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+EPILOG = """[bold]Examples[/bold]
+
+  uniflow aggregate --method fedA2 --lambda 1 clients/* --out global/
+
+  uniflow aggregate --round 3 --method fedA2 --report report.json   (inside a workspace)
+
+  uniflow inspect global/
+
+Set UNIFLOW_DEBUG=1 to see tracebacks."""
+
+app = typer.Typer(
+    name="uniflow",
+    cls=UniflowGroup,
+    help="UniFLoW: multimodal federated LoRA fine-tuning with analytical aggregation (FedA²-LoRA), "
+    "as independent commands that exchange LoRA adapter directories.",
+    epilog=EPILOG,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"uniflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """UniFLoW command-line suite."""
+
+
+def _register() -> None:
+    # Each module defines one command function; importing them must not import torch.
+    from uniflow_cli.cli import aggregate, inspect
+
+    app.command("aggregate", epilog=aggregate.EPILOG)(aggregate.aggregate)
+    app.command("inspect", epilog=inspect.EPILOG)(inspect.inspect)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="uniflow")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
