@@ -1,0 +1,332 @@
+"""Validate, then compute: fuse K client adapters (given as tensor mappings) into a global adapter.
+
+No paths and no printing. Clients are any ``Mapping[str, Tensor]`` with PEFT key names — an in-memory
+dict (Flower, tests) or a lazily reading :class:`uniflow_cli.adapters.AdapterReader`. Layers are
+processed one at a time, so memory holds the global plus one layer of every client, never K adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from uniflow_cli.adapters import base_weight_key, lora_key, lora_modules, lora_scaling
+from uniflow_cli.aggregation import linalg
+from uniflow_cli.aggregation.methods import METHODS, LayerInputs, Method
+from uniflow_cli.errors import AggregationError, IncompatibleAdaptersError, UsageError
+
+Tensor = torch.Tensor
+RIDGE_MODES = ("auto", "always", "never")
+DEFAULT_RCOND = 1e-7  # ≈ float32 machine epsilon: adapters are stored in float32 or narrower
+
+
+@dataclass
+class AggregationOptions:
+    """Server options with the paper's names. ``lambda_`` is Eq. 13's Tikhonov λ."""
+
+    method: str = "fedA2"
+    lambda_: float = 1.0
+    ridge: str = "auto"
+    rcond: float = DEFAULT_RCOND
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
+        if not (isinstance(self.lambda_, (int, float)) and math.isfinite(self.lambda_) and self.lambda_ >= 0):
+            raise UsageError(f"--lambda {self.lambda_!r} must be a finite number >= 0", fix="use --lambda 1.0 (the paper's default)")
+        if self.ridge not in RIDGE_MODES:
+            raise UsageError(f"--ridge {self.ridge!r} is not one of {'|'.join(RIDGE_MODES)}", fix="use --ridge auto")
+        if not (0 < self.rcond < 1):
+            raise UsageError(f"--rcond {self.rcond!r} must be in (0, 1)", fix=f"use --rcond {DEFAULT_RCOND:g}")
+
+
+@dataclass
+class ClientUpdate:
+    """One input adapter: a label for messages, its tensors and its PEFT config."""
+
+    label: str
+    tensors: Mapping[str, Tensor]
+    peft_config: Mapping[str, Any]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        reader_shape = getattr(self.tensors, "shape", None)
+        if callable(reader_shape):  # AdapterReader: from the header, without reading the tensor
+            return tuple(reader_shape(key))
+        return tuple(self.tensors[key].shape)
+
+    def get(self, key: str) -> Tensor:
+        tensor = self.tensors[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AggregationError(f"{self.label}: tensor {key} contains NaN or Inf", fix="drop this client or retrain it")
+        return tensor
+
+
+@dataclass
+class LayerReport:
+    module: str
+    rank: int
+    branch: str
+    cond: float | None
+    rel_error: float | None
+
+
+@dataclass
+class AggregationResult:
+    tensors: dict[str, Tensor]
+    peft_config: dict[str, Any]
+    method: str
+    weights: list[float]
+    layers: list[LayerReport]
+    residual: dict[str, Tensor] | None = None
+    merge_into_base: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        errors = [l.rel_error for l in self.layers if l.rel_error is not None and math.isfinite(l.rel_error)]
+        branches: dict[str, int] = {}
+        for layer in self.layers:
+            branches[layer.branch] = branches.get(layer.branch, 0) + 1
+        return {
+            "method": self.method,
+            "clients": len(self.weights),
+            "weights": self.weights,
+            "layers": len(self.layers),
+            "branches": branches,
+            "rel_error_mean": sum(errors) / len(errors) if errors else None,
+            "rel_error_max": max(errors) if errors else None,
+            "merge_into_base": self.merge_into_base,
+        }
+
+
+def normalize_weights(raw: Sequence[float]) -> Tensor:
+    """w_k = raw_k / Σ raw (float64). Every raw weight must be finite and > 0."""
+    if not raw:
+        raise UsageError("no client weights", fix="give one weight per client")
+    for value in raw:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UsageError(f"client weight {value!r} must be a finite number > 0", fix="e.g. --weights 3,1,2")
+    w = torch.tensor([float(v) for v in raw], dtype=torch.float64)
+    return w / w.sum()
+
+
+@dataclass(frozen=True)
+class _Layer:
+    module: str
+    ranks: list[int]
+    d_in: int | None
+    d_out: int | None
+    out_rank: int
+
+
+def _plan(clients: Sequence[ClientUpdate], method: Method, start: ClientUpdate | None) -> tuple[list[_Layer], list[str]]:
+    """Check that the clients can be fused by ``method``; return the layer plan and non-LoRA keys."""
+    first = clients[0]
+    modules0, other0 = lora_modules(list(first.tensors))
+    if not modules0:
+        raise IncompatibleAdaptersError(f"{first.label} holds no LoRA tensors", fix="pass LoRA adapter directories")
+    for client in clients[1:]:
+        modules, other = lora_modules(list(client.tensors))
+        if set(modules) != set(modules0):
+            extra = sorted(set(modules) - set(modules0))[:3]
+            missing = sorted(set(modules0) - set(modules))[:3]
+            raise IncompatibleAdaptersError(
+                f"{client.label} targets different modules than {first.label} (extra {extra}, missing {missing})",
+                fix="aggregate only adapters trained with the same target_modules",
+            )
+        if set(other) != set(other0):
+            diff = sorted(set(other) ^ set(other0))[:3]
+            raise IncompatibleAdaptersError(
+                f"{client.label} has different non-LoRA tensors than {first.label} ({diff})",
+                fix="aggregate only adapters trained with the same modules_to_save",
+            )
+        for key in other:
+            if client.shape(key) != first.shape(key):
+                raise IncompatibleAdaptersError(
+                    f"{client.label}: {key} has shape {list(client.shape(key))}, {first.label} has {list(first.shape(key))}",
+                    fix="aggregate only adapters of the same base model",
+                )
+    layers = []
+    for module in sorted(modules0):
+        ranks, d_ins, d_outs = [], set(), set()
+        for client in clients:
+            a_key, b_key = lora_modules(_keys_of(client, module))[0][module]
+            if method.needs_A and a_key is None:
+                raise IncompatibleAdaptersError(f"{client.label} has no lora_A for {module}", fix=f"method {method.name} needs every client's A")
+            if method.needs_B and b_key is None:
+                raise IncompatibleAdaptersError(f"{client.label} has no lora_B for {module}", fix=f"method {method.name} needs every client's B")
+            rank = None
+            if a_key is not None:
+                shape = client.shape(a_key)
+                if len(shape) != 2:
+                    raise IncompatibleAdaptersError(f"{client.label}: {a_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
+                rank = shape[0]
+                d_ins.add(shape[1])
+            if b_key is not None:
+                shape = client.shape(b_key)
+                if len(shape) != 2:
+                    raise IncompatibleAdaptersError(f"{client.label}: {b_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
+                if rank is not None and shape[1] != rank:
+                    raise IncompatibleAdaptersError(
+                        f"{client.label}: {module} has lora_A of rank {rank} but lora_B of rank {shape[1]}",
+                        fix="the adapter is inconsistent; re-publish it",
+                    )
+                rank = shape[1]
+                d_outs.add(shape[0])
+            ranks.append(rank)
+        if len(d_ins) > 1 or len(d_outs) > 1:
+            raise IncompatibleAdaptersError(
+                f"{module}: shapes differ across clients (d_in {sorted(d_ins)}, d_out {sorted(d_outs)})",
+                fix="aggregate only adapters of the same base model",
+            )
+        if method.name == "ffa" and len(set(ranks)) > 1:
+            raise IncompatibleAdaptersError(
+                f"{module}: ffa needs one frozen A, but client ranks differ ({sorted(set(ranks))})",
+                fix="use fedit or fedA2 for heterogeneous ranks",
+            )
+        if method.name == "ffa" and start is None and any(lora_modules(_keys_of(c, module))[0][module][0] is None for c in clients):
+            raise UsageError(
+                f"ffa: clients did not upload lora_A of {module} and no starting global was given",
+                fix="pass --start DIR (the global adapter the clients trained from)",
+            )
+        out_rank = sum(ranks) if not method.pads else max(ranks)
+        layers.append(_Layer(module, ranks, d_ins.pop() if d_ins else None, d_outs.pop() if d_outs else None, out_rank))
+    if start is not None and method.name == "ffa":
+        for layer in layers:
+            key = lora_key(layer.module, "A")
+            if key not in start.tensors:
+                raise IncompatibleAdaptersError(f"{start.label} has no {key}", fix="pass the global adapter the clients started from as --start")
+            if start.shape(key) != (layer.out_rank, layer.d_in or start.shape(key)[1]):
+                raise IncompatibleAdaptersError(
+                    f"{start.label}: {key} has shape {list(start.shape(key))}, clients expect rank {layer.out_rank}",
+                    fix="pass the global adapter the clients started from as --start",
+                )
+    return layers, sorted(other0)
+
+
+def _keys_of(client: ClientUpdate, module: str) -> list[str]:
+    return [k for k in (lora_key(module, "A"), lora_key(module, "B")) if k in client.tensors]
+
+
+def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], method: Method) -> dict[str, Any]:
+    """The published adapter's LoraConfig: the first client's, with the output ranks.
+
+    Modules whose output rank differs from the top-level ``r`` get a ``rank_pattern`` entry so that PEFT
+    builds exactly the stored shapes. FLoRA's stacked rank keeps the first client's scaling by scaling
+    ``lora_alpha`` with the rank.
+    """
+    config = dict(reference)
+    top = max(layer.out_rank for layer in layers)
+    config["r"] = top
+    rank_pattern = {}
+    for layer in layers:
+        if layer.out_rank != top:
+            name = layer.module.split("base_model.model.", 1)[-1]
+            rank_pattern[name] = layer.out_rank
+    config["rank_pattern"] = rank_pattern
+    if method.name == "flora":
+        ref_r = int(reference["r"])
+        factor = math.sqrt(top / ref_r) if reference.get("use_rslora") else top / ref_r
+        config["lora_alpha"] = float(reference.get("lora_alpha", 8)) * factor
+    return config
+
+
+def _check_frozen_A(client: ClientUpdate, key: str, A: Tensor, reference: Tensor, ref_label: str) -> None:
+    if A.shape != reference.shape or not torch.equal(A.to(reference.dtype), reference):
+        diff = float((A.to(torch.float64) - reference.to(torch.float64)).abs().max()) if A.shape == reference.shape else math.inf
+        raise AggregationError(
+            f"ffa: {client.label} changed the frozen {key} (max |ΔA| = {diff:.3g} vs {ref_label})",
+            fix="FFA-LoRA clients must not train A; retrain with method ffa (A frozen)",
+        )
+
+
+def aggregate(
+    clients: Sequence[ClientUpdate],
+    raw_weights: Sequence[float],
+    options: AggregationOptions,
+    *,
+    start: ClientUpdate | None = None,
+    compute_errors: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> AggregationResult:
+    """Fuse ``clients`` with ``options.method``. Validates everything before any math."""
+    if not clients:
+        raise UsageError("no client adapters given", fix="pass one or more adapter directories")
+    if len(raw_weights) != len(clients):
+        raise UsageError(f"{len(raw_weights)} weights for {len(clients)} clients", fix="give exactly one weight per client")
+    method = METHODS[options.method]
+    weights = normalize_weights(raw_weights)
+    layers, other_keys = _plan(clients, method, start)
+    out_config = _output_config(clients[0].peft_config, layers, method)
+
+    tensors: dict[str, Tensor] = {}
+    residual: dict[str, Tensor] = {}
+    reports: list[LayerReport] = []
+    for index, layer in enumerate(layers):
+        a_key, b_key = lora_key(layer.module, "A"), lora_key(layer.module, "B")
+        s_out = lora_scaling(out_config, layer.module, layer.out_rank)
+        As: list[Tensor | None] = []
+        Bs: list[Tensor | None] = []
+        start_A = start.get(a_key) if (start is not None and method.name == "ffa") else None
+        for client, rank in zip(clients, layer.ranks):
+            A = client.get(a_key) if a_key in client.tensors else None
+            B = client.get(b_key) if b_key in client.tensors else None
+            if method.name == "ffa" and A is not None:
+                reference, ref_label = (start_A, start.label) if start_A is not None else (As[0] if As and As[0] is not None else None, clients[0].label)
+                if reference is not None:
+                    _check_frozen_A(client, a_key, A, reference, ref_label)
+            if B is not None:
+                # Fold the client's PEFT scaling into B relative to the output's, so that
+                # s_out · B_eff · A reproduces the client's own s_k · B_k · A_k exactly.
+                factor = lora_scaling(client.peft_config, layer.module, rank) / s_out
+                B = B.to(linalg.work_dtype(B)) * factor if factor != 1.0 else B.to(linalg.work_dtype(B))
+            if A is not None:
+                A = A.to(linalg.work_dtype(A))
+            if method.pads and rank != layer.out_rank:
+                A_pad, B_pad = linalg.pad_rank(
+                    A if A is not None else torch.zeros((rank, layer.d_in or 1)),
+                    B if B is not None else torch.zeros((layer.d_out or 1, rank)),
+                    layer.out_rank,
+                )
+                A, B = (A_pad if A is not None else None), (B_pad if B is not None else None)
+            As.append(A)
+            Bs.append(B)
+        fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond))
+        tensors[a_key] = fused.A
+        if fused.B is not None:
+            tensors[b_key] = fused.B
+        if fused.residual is not None:
+            delta = fused.residual * s_out
+            if out_config.get("fan_in_fan_out"):
+                delta = delta.T  # stored in the orientation of the base weight it is added to
+            residual[base_weight_key(layer.module)] = delta.to(torch.float32).contiguous()
+        error = None
+        if compute_errors and fused.B is not None and all(b is not None for b in Bs) and all(a is not None for a in As):
+            error = linalg.relative_error(fused.B, fused.A, Bs, As, weights)  # type: ignore[arg-type]
+        reports.append(LayerReport(layer.module, layer.out_rank, fused.branch, fused.cond, error))
+        if on_layer is not None:
+            on_layer(index + 1, len(layers))
+
+    for key in other_keys:
+        tensors[key] = linalg.weighted_average([client.get(key) for client in clients], weights)
+
+    notes = []
+    if method.name == "fedsa":
+        notes.append("fedsa: the global carries A and shared tensors only; each client keeps its own B")
+    if method.name == "flora":
+        notes.append("flora: stacked rank; merge into the base weights before the next round")
+    if method.name == "fedex":
+        notes.append("fedex: residual.safetensors must be added to the frozen base weights")
+    return AggregationResult(
+        tensors=tensors,
+        peft_config=out_config,
+        method=method.name,
+        weights=[float(w) for w in weights],
+        layers=reports,
+        residual=residual or None,
+        merge_into_base=method.name == "flora",
+        notes=notes,
+    )

@@ -1,0 +1,111 @@
+"""One function per aggregation method, each fusing ONE LoRA layer; and the registry.
+
+Every method receives the clients' factors of a layer, rank-padded and with each client's PEFT scaling
+folded into B relative to the output's scaling, so that for every method the published adapter's
+ΔW = s_out · B · A is exactly what the method defines (design table):
+
+| method | global A | global B |
+|---|---|---|
+| fedit | Σ w_k A_k | Σ w_k B_k |
+| ffa   | A_0 (frozen) | Σ w_k B_k |
+| fedsa | Σ w_k A_k | — (clients keep their own B) |
+| fedex | Σ w_k A_k | Σ w_k B_k, plus the dense residual U − B̄Ā folded into W_0 |
+| fedA2 | Ā = Σ w_k A_k | U Āᵀ (ĀĀᵀ + λI)⁻¹ (Eq. 13) |
+| svd   | top-r factors of U | |
+| flora | stack [w_k A_k] | stack [B_k] (rank Σ r_k, to be merged into the base) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from uniflow_cli.aggregation import linalg
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    As: Sequence[Tensor | None]  # r_max × d_in each (None where a client did not upload A)
+    Bs: Sequence[Tensor | None]  # d_out × r_max each, scaling folded (None where not uploaded)
+    weights: Tensor  # normalised, float64
+    start_A: Tensor | None  # the A of the global the clients started from (FFA)
+    lambda_: float
+    ridge: str
+    rcond: float
+
+
+@dataclass
+class LayerOutput:
+    A: Tensor
+    B: Tensor | None
+    residual: Tensor | None = None  # FedEx: U − B A, in the output's (unscaled) units
+    branch: str = "-"
+    cond: float | None = None
+
+
+def _fedit(x: LayerInputs) -> LayerOutput:
+    return LayerOutput(linalg.weighted_average(x.As, x.weights), linalg.weighted_average(x.Bs, x.weights))
+
+
+def _ffa(x: LayerInputs) -> LayerOutput:
+    # A is frozen at its initial value on every client; core.validate checked that it really is.
+    A = x.start_A if x.start_A is not None else x.As[0]
+    return LayerOutput(A.to(linalg.work_dtype(A)), linalg.weighted_average(x.Bs, x.weights))
+
+
+def _fedsa(x: LayerInputs) -> LayerOutput:
+    return LayerOutput(linalg.weighted_average(x.As, x.weights), None)
+
+
+def _fedex(x: LayerInputs) -> LayerOutput:
+    A = linalg.weighted_average(x.As, x.weights)
+    B = linalg.weighted_average(x.Bs, x.weights)
+    U = linalg.dense_target(x.Bs, x.As, x.weights)
+    return LayerOutput(A, B, residual=U - B.to(U.dtype) @ A.to(U.dtype))
+
+
+def _fedA2(x: LayerInputs) -> LayerOutput:
+    A_bar = linalg.weighted_average(x.As, x.weights)
+    B, solve = linalg.fedA2_B(A_bar, x.As, x.Bs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond)
+    return LayerOutput(A_bar, B.to(A_bar.dtype), branch=solve.branch, cond=solve.cond)
+
+
+def _svd(x: LayerInputs) -> LayerOutput:
+    dtype = linalg.work_dtype(*x.As, *x.Bs)
+    B, A = linalg.truncated_svd_factors(x.Bs, x.As, x.weights, x.As[0].shape[0])
+    return LayerOutput(A.to(dtype), B.to(dtype))
+
+
+def _flora(x: LayerInputs) -> LayerOutput:
+    dtype = linalg.work_dtype(*x.As, *x.Bs)
+    A = torch.cat([A.to(dtype) * w for A, w in zip(x.As, x.weights.tolist())], dim=0)
+    B = torch.cat([B.to(dtype) for B in x.Bs], dim=1)
+    return LayerOutput(A, B)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fuse: Callable[[LayerInputs], LayerOutput]
+    needs_A: bool  # every client must upload A
+    needs_B: bool  # every client must upload B
+    pads: bool  # heterogeneous ranks are zero-padded to the largest (flora stacks the true ranks)
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("fedit", _fedit, True, True, True, "FedIT: average A and B separately (the 'LoRA' baseline)"),
+        Method("ffa", _ffa, False, True, True, "FFA-LoRA: A frozen at its initial value, average B"),
+        Method("fedsa", _fedsa, True, False, True, "FedSA-LoRA: share and average A; each client keeps its B"),
+        Method("fedex", _fedex, True, True, True, "FedEx-LoRA: average A, B + dense residual folded into W0"),
+        Method("fedA2", _fedA2, True, True, True, "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
+        Method("svd", _svd, True, True, True, "best rank-r approximation of Σ w_k B_k A_k (reference optimum)"),
+        Method("flora", _flora, True, True, False, "FLoRA: stack the factors (rank Σ r_k), merge into the base"),
+    )
+}

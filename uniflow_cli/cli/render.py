@@ -1,0 +1,65 @@
+"""Rich rendering of command results (tables); no logic beyond presentation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+from uniflow_cli.cli.console import out
+
+MAX_LAYER_ROWS = 24
+
+
+def _fmt(value: float | None, spec: str = ".2e") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def print_aggregate_outcome(outcome: Any) -> None:
+    result = outcome.result
+    layers = result.layers
+    shown = layers
+    title = f"{result.method}: {len(layers)} LoRA layers"
+    if len(layers) > MAX_LAYER_ROWS:
+        shown = sorted(layers, key=lambda l: -(l.rel_error or 0.0))[:10]
+        title += " (10 with the largest error; --report has all)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("rank", justify="right")
+    table.add_column("Eq. 13 branch")
+    table.add_column("cond(ĀĀᵀ)", justify="right")
+    table.add_column("‖s·BA−U‖/‖U‖", justify="right")
+    for layer in shown:
+        table.add_row(layer.module.removeprefix("base_model.model."), str(layer.rank), layer.branch, _fmt(layer.cond), _fmt(layer.rel_error))
+    out.print(table)
+    summary = result.summary()
+    clients = Table(title="clients", title_justify="left")
+    for col in ("client", "examples", "weight", "path"):
+        clients.add_column(col, overflow="fold")
+    for row in outcome.clients:
+        clients.add_row(str(row["client_id"] or "-"), str(row["num_examples"] or "-"), f"{row['weight']:.4f}", row["path"])
+    out.print(clients)
+    branches = ", ".join(f"{k}: {v}" for k, v in sorted(summary["branches"].items()))
+    out.print(
+        f"[green]published[/green] {outcome.out}  ({human_bytes(outcome.tensor_bytes)}"
+        + (f" + residual {human_bytes(outcome.residual_bytes)}" if outcome.residual_bytes else "")
+        + f")  mean rel. error {_fmt(summary['rel_error_mean'])}, max {_fmt(summary['rel_error_max'])}"
+        + (f"  branches: {branches}" if result.method == "fedA2" else ""),
+        soft_wrap=True,
+    )
+    for note in result.notes:
+        out.print(f"[dim]{note}[/dim]")

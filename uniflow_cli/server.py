@@ -1,0 +1,241 @@
+"""The server's round: read client adapter directories, fuse them, publish the global adapter.
+
+This is the thin I/O layer over :mod:`uniflow_cli.aggregation` (pure math) and
+:mod:`uniflow_cli.adapters` (the format): it checks the inputs' metadata, picks the client weights,
+streams the tensors through the core and publishes the result atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.adapters import AdapterMeta, AdapterReader, open_adapter, scan_adapter_dirs, write_adapter
+from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
+from uniflow_cli.atomic import check_writable_target, write_file_atomic
+from uniflow_cli.errors import IncompatibleAdaptersError, UsageError, WorkspaceError
+from uniflow_cli.workspace import AggregateSettings, Workspace, find_workspace
+
+DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTINGS = ("examples", "uniform")
+
+
+@dataclass
+class AggregateOutcome:
+    out: Path
+    result: AggregationResult
+    clients: list[dict[str, Any]]
+    tensor_bytes: int
+    residual_bytes: int
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundIO:
+    inputs: list[Path]
+    out: Path
+    start: Path | None
+    rejected: list[tuple[Path, str]]
+
+
+def round_io(ws: Workspace, t: int) -> RoundIO:
+    """Inputs, output and starting global of round ``t`` in a workspace (see workspace.py for numbering)."""
+    if t < 1:
+        raise UsageError(f"--round {t}: round 0 is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
+    clients_dir = ws.clients_dir(t)
+    if not clients_dir.is_dir():
+        raise WorkspaceError(f"no client drops for round {t}: {clients_dir} does not exist", fix="run local-train for this round first")
+    valid, rejected = scan_adapter_dirs(clients_dir)
+    start = ws.global_dir(t - 1)
+    return RoundIO(valid, ws.global_dir(t), start if start.is_dir() else None, rejected)
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no inf/NaN: a singular Gram's condition number is reported as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"3,1,2"`` → [3.0, 1.0, 2.0]; a clear error names the bad entry."""
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise UsageError(f"--weights entry {part.strip()!r} is not a number", fix="e.g. --weights 3,1,2") from None
+    return values
+
+
+def _client_weights(readers: Sequence[AdapterReader], weighting: str, explicit: list[float] | None, notices: list[str]) -> list[float]:
+    if explicit is not None:
+        if len(explicit) != len(readers):
+            raise UsageError(f"--weights has {len(explicit)} values for {len(readers)} adapters", fix="give one weight per adapter, in order")
+        return explicit
+    if weighting not in WEIGHTINGS:
+        raise UsageError(f"--weighting {weighting!r} is not one of {'|'.join(WEIGHTINGS)}", fix="use --weighting examples")
+    if weighting == "uniform":
+        return [1.0] * len(readers)
+    plain = [r for r in readers if r.meta is None]
+    if plain:
+        notices.append(
+            f"{len(plain)} input(s) are plain PEFT adapters without uniflow.json (e.g. {plain[0].path}); "
+            "using uniform weights (pass --weights to set them)"
+        )
+        return [1.0] * len(readers)
+    missing = [r for r in readers if r.meta is not None and r.meta.num_examples is None]
+    if missing:
+        raise UsageError(
+            f"{missing[0].label} records no num_examples", fix="pass --weighting uniform or --weights"
+        )
+    return [float(r.meta.num_examples) for r in readers]  # type: ignore[union-attr]
+
+
+def _check_metadata(readers: Sequence[AdapterReader], start: AdapterReader | None) -> None:
+    seen: dict[str, AdapterReader] = {}
+    for reader in readers:
+        meta = reader.meta
+        if meta is None:
+            continue
+        if meta.role != "client":
+            raise UsageError(f"{reader.path} is a {meta.role} adapter, not a client drop", fix="pass client adapters only")
+        if meta.client_id is not None:
+            if meta.client_id in seen:
+                raise IncompatibleAdaptersError(
+                    f"client id {meta.client_id!r} appears twice ({seen[meta.client_id].path} and {reader.path})",
+                    fix="pass each client's adapter once",
+                )
+            seen[meta.client_id] = reader
+    fingerprints = {r.meta.base_fingerprint: r for r in readers if r.meta is not None and r.meta.base_fingerprint}
+    if len(fingerprints) > 1:
+        (fa, ra), (fb, rb) = list(fingerprints.items())[:2]
+        raise IncompatibleAdaptersError(
+            f"base_fingerprint differs: {ra.label} has {fa[:16]}…, {rb.label} has {fb[:16]}…",
+            fix="aggregate only adapters trained on the same base model",
+        )
+    if start is not None and start.meta is not None and start.meta.base_fingerprint and fingerprints:
+        (fa, ra) = next(iter(fingerprints.items()))
+        if fa != start.meta.base_fingerprint:
+            raise IncompatibleAdaptersError(
+                f"base_fingerprint of {ra.label} differs from the starting global {start.path}", fix="pass the matching --start"
+            )
+    rounds = {r.meta.round for r in readers if r.meta is not None and r.meta.round is not None}
+    if len(rounds) > 1:
+        raise IncompatibleAdaptersError(f"inputs come from different rounds {sorted(rounds)}", fix="aggregate one round's drops at a time")
+
+
+def run_aggregate(
+    inputs: Sequence[Path],
+    out: Path,
+    options: AggregationOptions,
+    *,
+    weighting: str = "examples",
+    weights: list[float] | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    report_path: Path | None = None,
+    start: Path | None = None,
+    round_: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> AggregateOutcome:
+    """Validate every input, fuse, publish ``out`` atomically, write the report. Nothing is written on error."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", fix="use --dtype float32")
+    if not inputs:
+        raise UsageError("no client adapters to aggregate", fix="pass adapter directories, or --round T inside a workspace")
+    resolved = [Path(p).resolve() for p in inputs]
+    if len(set(resolved)) != len(resolved):
+        dup = next(p for p in resolved if resolved.count(p) > 1)
+        raise UsageError(f"adapter {dup} is given twice", fix="pass each adapter once")
+    check_writable_target(Path(out), force=force)
+    if report_path is not None:
+        check_writable_target(Path(report_path), force=force)
+
+    notices: list[str] = []
+    readers = [open_adapter(p) for p in inputs]
+    start_reader = open_adapter(start) if start is not None else None
+    _check_metadata(readers, start_reader)
+    raw_weights = _client_weights(readers, weighting, weights, notices)
+
+    clients = [ClientUpdate(r.label, r, r.peft_config) for r in readers]
+    start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config) if start_reader else None
+    result = aggregate(clients, raw_weights, options, start=start_update, on_layer=on_layer)
+
+    torch_dtype = getattr(torch, dtype)
+    tensors = {k: v.to(torch_dtype) for k, v in result.tensors.items()}
+    metas = [r.meta for r in readers if r.meta is not None]
+    fingerprint = next((m.base_fingerprint for m in metas if m.base_fingerprint), None)
+    rounds = {m.round for m in metas if m.round is not None}
+    client_rows = [
+        {
+            "client_id": r.meta.client_id if r.meta else None,
+            "path": str(r.path),
+            "num_examples": r.meta.num_examples if r.meta else None,
+            "weight": w,
+        }
+        for r, w in zip(readers, result.weights)
+    ]
+    meta = AdapterMeta(
+        role="global",
+        base_fingerprint=fingerprint,
+        round=round_ if round_ is not None else (rounds.pop() if len(rounds) == 1 else None),
+        num_examples=sum(m.num_examples for m in metas if m.num_examples) or None,
+        modalities=sorted({mod for m in metas for mod in m.modalities}),
+        method=result.method,
+        extra={
+            "aggregation": result.summary(),
+            "options": {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": weighting, "dtype": dtype},
+            "clients": client_rows,
+            "notes": result.notes,
+        },
+    )
+    written = write_adapter(out, peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual, force=force)
+    tensor_bytes = (written / "adapter_model.safetensors").stat().st_size
+    residual_file = written / "residual.safetensors"
+    residual_bytes = residual_file.stat().st_size if residual_file.exists() else 0
+    if report_path is not None:
+        report = {
+            **result.summary(),
+            "out": str(written),
+            "clients": client_rows,
+            "options": meta.extra["options"],
+            "tensor_bytes": tensor_bytes,
+            "residual_bytes": residual_bytes,
+            "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
+        }
+        text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        write_file_atomic(Path(report_path), text.encode(), force=force)
+    return AggregateOutcome(written, result, client_rows, tensor_bytes, residual_bytes, notices)
+
+
+def settings_for(
+    workspace: Path | None, method: str | None, lambda_: float | None, ridge: str | None, weighting: str | None
+) -> AggregateSettings:
+    """Command-line values override the workspace's ``[aggregate]`` table, which overrides the defaults."""
+    ws = find_workspace(workspace, required=False)
+    table = dict(ws.config().get("aggregate", {})) if ws is not None else {}
+    if "lambda" in table:
+        table["lambda_"] = table.pop("lambda")
+    known = {k: v for k, v in table.items() if k in AggregateSettings.__dataclass_fields__}
+    base = AggregateSettings(**known)
+    return AggregateSettings(
+        method=method if method is not None else base.method,
+        lambda_=lambda_ if lambda_ is not None else base.lambda_,
+        ridge=ridge if ridge is not None else base.ridge,
+        weighting=weighting if weighting is not None else base.weighting,
+    )
+
+
+def workspace_round_io(workspace: Path | None, t: int) -> RoundIO:
+    ws = find_workspace(workspace)
+    assert ws is not None  # required=True raises instead
+    return round_io(ws, t)
