@@ -17,7 +17,7 @@ from typing import Any
 from uniflow_cli.adapters import AdapterMeta, AdapterReader, open_adapter, scan_adapter_dirs, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.atomic import check_writable_target, write_file_atomic
-from uniflow_cli.errors import IncompatibleAdaptersError, UsageError, WorkspaceError
+from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UsageError, WorkspaceError
 from uniflow_cli.workspace import AggregateSettings, Workspace, find_workspace
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -217,17 +217,32 @@ def run_aggregate(
     return AggregateOutcome(written, result, client_rows, tensor_bytes, residual_bytes, notices)
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    method: str
+    lambda_: float
+    ridge: str
+    weighting: str
+
+
 def settings_for(
     workspace: Path | None, method: str | None, lambda_: float | None, ridge: str | None, weighting: str | None
-) -> AggregateSettings:
-    """Command-line values override the workspace's ``[aggregate]`` table, which overrides the defaults."""
+) -> ServerSettings:
+    """Command-line values override the workspace's ``[aggregate]`` table, which overrides the defaults.
+
+    The table is validated here (a ConfigError names uniflow.toml); the command-line values are validated
+    by :class:`AggregationOptions` and :func:`run_aggregate` (usage errors naming the flag).
+    """
     ws = find_workspace(workspace, required=False)
     table = dict(ws.config().get("aggregate", {})) if ws is not None else {}
     if "lambda" in table:
         table["lambda_"] = table.pop("lambda")
     known = {k: v for k, v in table.items() if k in AggregateSettings.__dataclass_fields__}
-    base = AggregateSettings(**known)
-    return AggregateSettings(
+    try:
+        base = AggregateSettings(**known)
+    except ConfigError as exc:
+        raise ConfigError(f"{ws.config_path if ws else 'uniflow.toml'} [aggregate]: {exc.problem}", fix=exc.fix) from None
+    return ServerSettings(
         method=method if method is not None else base.method,
         lambda_=lambda_ if lambda_ is not None else base.lambda_,
         ridge=ridge if ridge is not None else base.ridge,
