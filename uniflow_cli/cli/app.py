@@ -100,6 +100,28 @@ def _register() -> None:
     app.command("aggregate", epilog=aggregate.EPILOG)(aggregate.aggregate)
     app.command("inspect", epilog=inspect.EPILOG)(inspect.inspect)
 
+    from uniflow_cli.cli import report
+
+    app.command("report", epilog=report.EPILOG)(report.report)
+
+    from uniflow_cli.cli import data, partition
+
+    app.command("partition", epilog=partition.EPILOG)(partition.partition)
+    app.add_typer(data.app, name="data")
+
+    from uniflow_cli.cli import init, models
+
+    app.command("init", epilog=init.EPILOG)(init.init)
+    app.add_typer(models.models_app, name="models")
+
+    from uniflow_cli.cli import local_train
+
+    app.command("local-train", epilog=local_train.EPILOG)(local_train.local_train)
+
+    from uniflow_cli.cli import evaluate
+
+    app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
+
 
 _register()
 

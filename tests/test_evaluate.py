@@ -1,0 +1,287 @@
+"""``uniflow evaluate`` and uniflow_cli.evaluation on the tiny-random preset (fast: no real model weights).
+
+One module-scoped workspace (image encoder only, text test split) and one adapter trained in this file
+on the test samples themselves are shared; tests that change a workspace work on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
+from uniflow_cli.cli.app import app
+from uniflow_cli.data.schema import make_row, rows_to_dataset
+from uniflow_cli.errors import DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
+from uniflow_cli.evaluation import add_to_base, evaluate_model, lora_deltas, run_evaluate
+from uniflow_cli.evaluation_io import read_eval_json
+from uniflow_cli.models import ModelSettings, adapter_tensors, collate, load_model, peft_config_dict, unwrap
+from uniflow_cli.models.workspace_init import init_workspace
+from uniflow_cli.workspace import LoraSettings, Workspace
+
+SETTINGS = ModelSettings(preset="tiny-random", modalities=["image"])
+LORA = LoraSettings(r=4, lora_alpha=8.0)
+QA = [("Colour of the sky?", "blue"), ("Capital of France?", "paris"), ("Two plus two?", "four"),
+      ("Opposite of hot?", "cold"), ("Animal that barks?", "dog"), ("Frozen water?", "ice")]
+runner = CliRunner()
+
+
+def _text_rows(pairs=QA):
+    return [make_row(id=f"t{i}", modality="text", question=q, answer=a) for i, (q, a) in enumerate(pairs)]
+
+
+def _save_split(path: Path, rows) -> None:
+    rows_to_dataset(rows).save_to_disk(str(path))
+
+
+def _publish(ws: Workspace, t: int, peft_config, tensors, *, method="fedit", residual=None, extra=None, fingerprint=None):
+    meta = AdapterMeta(role="global", base_fingerprint=fingerprint or unwrap_fingerprint(), round=t, method=method, extra=extra or {})
+    write_adapter(ws.global_dir(t), peft_config=peft_config, tensors=tensors, meta=meta, residual=residual)
+
+
+def unwrap_fingerprint() -> str:
+    from uniflow_cli.models import base_fingerprint
+
+    return base_fingerprint(SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def base_ws(tmp_path_factory) -> Workspace:
+    """tiny-random workspace (round 0 published) with data/test/text holding the QA pairs."""
+    root = tmp_path_factory.mktemp("ws") / "fed"
+    init_workspace(root, SETTINGS, LORA, seed=0)
+    ws = Workspace(root.resolve())
+    _save_split(ws.test_data("text"), _text_rows())
+    return ws
+
+
+@pytest.fixture(scope="module")
+def trained(base_ws):
+    """(peft_config, tensors) of an adapter trained on the test samples: 40 AdamW steps, deterministic."""
+    torch.manual_seed(0)
+    model = load_model(SETTINGS, LORA, 0)
+    model.train()
+    samples = [dict(r) for r in _text_rows()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    batch = collate(samples, model, train=True)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = model(batch).loss
+        loss.backward()
+        opt.step()
+    assert loss.item() < 2.0, f"training did not fit the samples (loss {loss.item():.2f})"
+    return peft_config_dict(model), adapter_tensors(model)
+
+
+def _copy(ws: Workspace, tmp_path: Path) -> Workspace:
+    dst = tmp_path / "fed"
+    shutil.copytree(ws.root, dst)
+    return Workspace(dst.resolve())
+
+
+def _cli(*args):
+    return runner.invoke(app, ["evaluate", *map(str, args)])
+
+
+# --------------------------------------------------------------------------------------------------
+# happy paths
+# --------------------------------------------------------------------------------------------------
+def test_cli_base_writes_valid_eval_json(base_ws, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    result = _cli("--base", "--workspace", ws.root, "--limit", 4, "--max-new-tokens", 4, "--batch-size", 3)
+    assert result.exit_code == 0, result.output
+    payload = read_eval_json(ws.eval_json(0))  # validates the schema
+    assert payload["round"] == 0
+    assert list(payload["metrics"]) == ["text", "overall"]
+    assert payload["metrics"]["text"]["n"] == 4
+    assert payload["config"]["limit"] == 4 and payload["config"]["bertscore"]["num_layers"] == 6
+    assert [s["reference"] for s in payload["samples"]["text"]] == [a for _, a in QA[:4]]
+    assert "ROUGE-L" in result.output and "F_BERT" in result.output and "wrote" in result.output
+
+
+def test_same_inputs_give_same_bytes_and_batch_size_does_not_change_metrics(base_ws, tmp_path):
+    a = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "a.json", max_new_tokens=4, batch_size=2)
+    b = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "b.json", max_new_tokens=4, batch_size=2)
+    c = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "c.json", max_new_tokens=4, batch_size=6)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert a.payload["metrics"]["text"]["acc"] == c.payload["metrics"]["text"]["acc"]
+    assert a.payload["metrics"]["text"]["tokens"] == sum(len(ans) + 1 for _, ans in QA)  # bytes + EOS
+    assert b.payload["samples"] == c.payload["samples"]
+
+
+def test_trained_adapter_beats_base_on_its_training_samples(base_ws, trained, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    _publish(ws, 1, *trained)
+    base = run_evaluate(workspace=ws.root, round=0, max_new_tokens=8)
+    tuned = run_evaluate(workspace=ws.root, max_new_tokens=8)  # default: the latest published round (1)
+    assert tuned.round == 1 and tuned.path == ws.eval_json(1)
+    acc_base, acc_tuned = base.payload["metrics"]["text"]["acc"], tuned.payload["metrics"]["text"]["acc"]
+    assert acc_tuned > acc_base + 30, (acc_base, acc_tuned)
+    assert tuned.payload["adapter"]["method"] == "fedit"
+
+
+def test_explicit_adapter_and_data_with_preset(base_ws, trained, tmp_path):
+    adapter = tmp_path / "adapter"
+    write_adapter(adapter, peft_config=trained[0], tensors=trained[1],
+                  meta=AdapterMeta(role="global", base_fingerprint=unwrap_fingerprint(), round=1, method="fedit"))
+    out = tmp_path / "explicit.json"
+    result = _cli("--adapter", adapter, "--data", base_ws.test_data("text"), "--preset", "tiny-random", "--out", out,
+                  "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    payload = read_eval_json(out)
+    assert payload["round"] == 1 and payload["metrics"]["text"]["n"] == len(QA)
+    assert payload["adapter"]["path"] == str(adapter.resolve())
+
+
+def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, tmp_path):
+    """Round 1 and 2 carry B = 0 and half of the trained ΔW each as residuals: that is the trained model."""
+    ws = _copy(base_ws, tmp_path)
+    _publish(ws, 1, *trained)
+    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
+    halves = {k: v / 2 for k, v in lora_deltas(read_adapter(ws.global_dir(1))).items()}
+    assert halves and all(k.startswith(("llm.", "encoders.")) and k.endswith(".weight") for k in halves)
+    shutil.rmtree(ws.global_dir(1))
+    _publish(ws, 1, trained[0], zero_b, method="fedex", residual=halves)
+    _publish(ws, 2, trained[0], zero_b, method="fedex", residual=halves)
+    reference = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "base.json", max_new_tokens=8)
+    result = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
+    one_round = run_evaluate(workspace=ws.root, round=1, out=tmp_path / "r1.json", max_new_tokens=8)
+    assert any("FedEx residual" in n for n in result.notices)
+    acc = result.payload["metrics"]["text"]["acc"]
+    assert acc > reference.payload["metrics"]["text"]["acc"] + 30
+    assert acc > one_round.payload["metrics"]["text"]["acc"]  # round 2 = both halves, round 1 = one half
+
+
+def test_flora_earlier_rounds_are_merged_and_fedsa_has_a_notice(base_ws, trained, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    _publish(ws, 1, *trained, method="flora", extra={"aggregation": {"merge_into_base": True}})
+    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
+    only_a = {k: v for k, v in trained[1].items() if ".lora_B." not in k}
+    _publish(ws, 2, trained[0], zero_b, method="flora", extra={"aggregation": {"merge_into_base": True}})
+    _publish(ws, 3, trained[0], only_a, method="fedsa")
+    direct = run_evaluate(workspace=ws.root, round=1, max_new_tokens=8)
+    merged = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
+    assert any("FLoRA" in n for n in merged.notices)
+    assert merged.payload["metrics"]["text"]["acc"] == pytest.approx(direct.payload["metrics"]["text"]["acc"], abs=1e-6)
+    fedsa = run_evaluate(workspace=ws.root, round=3, max_new_tokens=8)
+    assert any("fedsa" in n and "B = 0" in n for n in fedsa.notices)
+
+
+def test_add_to_base_changes_exactly_the_named_weight(base_ws):
+    model = load_model(SETTINGS, LORA, 0)
+    key = "llm.model.layers.0.self_attn.q_proj.weight"
+    layer = model.get_submodule("base_model.model.llm.model.layers.0.self_attn.q_proj").base_layer
+    before = layer.weight.detach().clone()
+    other = model.get_submodule("base_model.model.llm.model.layers.1.self_attn.q_proj").base_layer.weight.detach().clone()
+    add_to_base(model, {key: torch.ones_like(before)}, where="test")
+    assert torch.equal(layer.weight, before + 1)
+    assert torch.equal(model.get_submodule("base_model.model.llm.model.layers.1.self_attn.q_proj").base_layer.weight, other)
+    with pytest.raises(Exception, match="has shape"):
+        add_to_base(model, {key: torch.ones(2, 2)}, where="test")
+    with pytest.raises(Exception, match="names no module"):
+        add_to_base(model, {"llm.nowhere.weight": torch.ones(1)}, where="test")
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: one line, exit != 0, nothing written
+# --------------------------------------------------------------------------------------------------
+def _assert_one_line_error(result, match: str):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert match in " ".join(result.output.split()), result.output
+
+
+def test_adapter_from_another_base(base_ws, trained, tmp_path):
+    adapter = tmp_path / "foreign"
+    write_adapter(adapter, peft_config=trained[0], tensors=trained[1],
+                  meta=AdapterMeta(role="global", base_fingerprint="smol:0123456789abcdef", round=1, method="fedit"))
+    out = tmp_path / "out.json"
+    result = _cli("--adapter", adapter, "--data", base_ws.test_data("text"), "--workspace", base_ws.root, "--out", out)
+    _assert_one_line_error(result, "was made for base smol:0123456789abcdef")
+    assert not out.exists()
+    with pytest.raises(IncompatibleAdaptersError, match="smol:0123456789abcdef"):
+        run_evaluate(adapter=adapter, data=[base_ws.test_data("text")], preset="tiny-random", out=out)
+
+
+def test_missing_test_split(base_ws, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    shutil.rmtree(ws.data_dir / "test")
+    _assert_one_line_error(_cli("--workspace", ws.root), "no test split in")
+    assert not (ws.root / "eval").exists()
+
+
+def test_modality_without_encoder(base_ws, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    wav = b"RIFF" + b"\0" * 40  # never decoded: the check runs before any sample is read by the model
+    _save_split(ws.test_data("audio"), [make_row(id="a0", modality="audio", question="q", answer="a", audio_bytes=wav)])
+    _assert_one_line_error(_cli("--workspace", ws.root), "has audio samples but the model has no audio encoder")
+    assert not (ws.root / "eval").exists()
+
+
+def test_empty_test_set(base_ws, tmp_path):
+    ws = _copy(base_ws, tmp_path)
+    shutil.rmtree(ws.test_data("text"))
+    _save_split(ws.test_data("text"), [])
+    _assert_one_line_error(_cli("--workspace", ws.root), "is empty (0 rows)")
+    assert not (ws.root / "eval").exists()
+
+
+def test_round_not_published(base_ws):
+    _assert_one_line_error(_cli("--round", 5, "--workspace", base_ws.root), "round 5 is not published")
+    assert not base_ws.eval_json(5).exists()
+
+
+def test_output_exists_is_refused_before_any_work(base_ws, tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    out.write_text("keep me")
+    import uniflow_cli.models as models
+
+    # The refusal must come before the model is built: make building fail loudly if it is reached.
+    monkeypatch.setattr(models, "model_from_adapter", lambda *a, **k: pytest.fail("model built before the output check"))
+    _assert_one_line_error(_cli("--base", "--workspace", base_ws.root, "--out", out), "already exists")
+    assert out.read_text() == "keep me"
+    with pytest.raises(OutputExistsError):
+        run_evaluate(workspace=base_ws.root, base=True, out=out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base": True, "round": 2}, "--base is round 0"),
+        ({"adapter": Path("x")}, "--adapter needs --data"),
+        ({"data": [Path("x")]}, "--data needs --adapter"),
+        ({"adapter": Path("x"), "round": 1, "data": [Path("x")]}, "cannot be combined"),
+        ({"data": [Path("x")], "base": True}, "needs --out"),
+        ({"preset": "tiny-random"}, "--preset only applies"),
+    ],
+)
+def test_conflicting_options(base_ws, kwargs, match):
+    with pytest.raises(UsageError, match=match):
+        run_evaluate(workspace=base_ws.root, **kwargs)
+
+
+def test_evaluate_model_rejects_empty_and_mislabelled_splits(base_ws):
+    model = load_model(SETTINGS, LORA, 0)
+    with pytest.raises(DataError, match="text test set is empty"):
+        evaluate_model(model, {"text": []})
+    with pytest.raises(DataError, match="is in the image split"):
+        evaluate_model(model, {"image": [dict(r) for r in _text_rows()[:1]]})
+    with pytest.raises(DataError, match="no audio encoder"):
+        evaluate_model(model, {"audio": [{"modality": "audio"}]})
+
+
+def test_no_workspace_and_no_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UNIFLOW_WORKSPACE", raising=False)
+    with pytest.raises(WorkspaceError, match="no workspace"):
+        run_evaluate()
+    with pytest.raises(UsageError, match="no workspace found and no --preset"):
+        run_evaluate(base=True, data=[tmp_path], out=tmp_path / "o.json")
+    assert json.dumps  # keep the import used for readers of this file's helpers

@@ -1,0 +1,55 @@
+"""``uniflow data show``: print a few samples of a shard or test split and save media previews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+EPILOG = """[bold]Examples[/bold]
+
+  uniflow data show fed/data/clients/3
+
+  uniflow data show fed/data/test/audio --n 5 --preview previews/
+
+Previews (PNG images, 16 kHz WAV audio) go to --preview DIR (must not exist), else to a new temporary directory."""
+
+app = typer.Typer(
+    name="data",
+    help="Look at partitioned data (client shards and test splits).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    epilog=EPILOG,
+)
+
+
+@app.command("show", epilog=EPILOG)
+def show(
+    path: Annotated[Path, typer.Argument(help="A shard directory: DATA/clients/<k> or DATA/test/<modality>.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", "-n", help="How many samples to print.")] = 3,
+    preview: Annotated[
+        Optional[Path], typer.Option("--preview", help="Directory for media previews (default: a new temporary directory).", show_default=False)
+    ] = None,
+    no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not save media previews.")] = False,
+) -> None:
+    """Print a few samples of a shard (id, modality, question, answer, label, media) and save previews."""
+    import tempfile
+
+    from rich.table import Table
+
+    from uniflow_cli.cli.console import out
+    from uniflow_cli.data.show import show_samples
+
+    if preview is None and not no_preview:
+        preview = Path(tempfile.mkdtemp(prefix="uniflow-preview-")) / "samples"
+    total, samples = show_samples(path, n=n, preview_dir=None if no_preview else preview)
+    table = Table(title=f"{path}: {total} rows (first {len(samples)})")
+    for col in ("id", "modality", "question", "answer", "label", "media"):
+        table.add_column(col, overflow="fold")
+    for s in samples:
+        table.add_row(s["id"], s["modality"], s["question"], s["answer"], s["label"], s["media"])
+    out.print(table)
+    previews = [s["preview"] for s in samples if "preview" in s]
+    if previews:
+        out.print("previews: " + "  ".join(previews), soft_wrap=True)

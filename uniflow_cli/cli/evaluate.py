@@ -1,0 +1,110 @@
+"""``uniflow evaluate``: score a global adapter (or the untrained base) on the test split, per modality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uniflow_cli.cli.options import ForceOpt, RoundOpt, WorkspaceOpt
+
+EPILOG = """[bold]Examples[/bold]
+
+  [dim]# inside a workspace: the latest published round on every data/test/<modality>[/dim]
+  uniflow evaluate
+
+  [dim]# round 3, and the untrained base (the paper's "–" row)[/dim]
+  uniflow evaluate --round 3
+  uniflow evaluate --base
+
+  [dim]# explicit paths: an adapter on one or more splits, model settings from a preset[/dim]
+  uniflow evaluate --adapter rounds/5/global --data data/test/image --data data/test/audio --preset smol --out eval.json
+
+  [dim]# quick look: 20 samples per modality, short answers[/dim]
+  uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json
+
+Writes eval/round-<T>.json (workspace) or --out FILE: Acc (teacher-forced token accuracy), EM, BLEU, ROUGE-L
+and BERTScore P/R/F1 per modality and overall, the config, and a few predictions. See docs/evaluation.md."""
+
+
+def evaluate(
+    round: RoundOpt = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the untrained model (round 0: B = 0).")] = False,
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", "-a", help="Explicit adapter directory (needs --data).", show_default=False)
+    ] = None,
+    data: Annotated[
+        Optional[list[Path]],
+        typer.Option("--data", "-d", help="Explicit split directory (repeatable); rows are grouped by their modality.", show_default=False),
+    ] = None,
+    preset: Annotated[
+        Optional[str],
+        typer.Option("--preset", "-p", help="Explicit mode: model preset (smol | tiny-random) instead of a workspace's uniflow.toml.", show_default=False),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy generation length.")] = 16,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", "-n", min=1, help="First N samples per modality (default: all).", show_default=False)
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward/generate batch.")] = 8,
+    bertscore_model: Annotated[
+        Optional[Path],
+        typer.Option("--bertscore-model", help="Local HF encoder dir for BERTScore (default: embedded all-MiniLM-L6-v2).", show_default=False),
+    ] = None,
+    bertscore_layers: Annotated[
+        Optional[int], typer.Option("--bertscore-layers", min=1, help="BERTScore layer (default: 6 for the embedded model, else the last).", show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
+    ] = None,
+    force: ForceOpt = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Evaluate a global adapter: token accuracy, EM, BLEU, ROUGE-L and BERTScore per modality."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from uniflow_cli.cli.console import err, notice
+    from uniflow_cli.cli.console import out as console
+    from uniflow_cli.evaluation import run_evaluate
+    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES
+
+    with Progress(
+        TextColumn("[bold]evaluate[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("checking inputs", total=None)
+        result = run_evaluate(
+            workspace=workspace,
+            round=round,
+            base=base,
+            adapter=adapter,
+            data=list(data or []),
+            preset=preset,
+            out=out,
+            force=force,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            bertscore_model=bertscore_model,
+            bertscore_layers=bertscore_layers,
+            on_batch=lambda done, total, phase: progress.update(task, description=phase, completed=done, total=total),
+            on_status=lambda message: progress.update(task, description=message),
+        )
+    for message in result.notices:
+        notice(message)
+
+    metrics = result.payload["metrics"]
+    what = result.payload["adapter"]["path"] or "untrained base"
+    for modality, values in metrics.items():
+        table = Table(title=f"{modality} · round {result.round} (%)", title_justify="left")
+        for key in METRIC_KEYS:
+            table.add_column(METRIC_TITLES[key], justify="right")
+        table.add_column("n", justify="right")
+        table.add_row(*("n/a" if values[key] is None else f"{values[key]:.2f}" for key in METRIC_KEYS), str(values["n"]))
+        console.print(table)
+    console.print(f"evaluated {what}; wrote {result.path}", soft_wrap=True)

@@ -1,0 +1,69 @@
+"""``uniflow init``: create a workspace (uniflow.toml) and its round-0 global adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uniflow_cli.cli.options import ForceOpt, SeedOpt
+
+EPILOG = """[bold]Examples[/bold]
+
+  [dim]# the embedded offline default (SmolLM2-135M + DINOv2-small + Whisper tiny.en encoder)[/dim]
+  uniflow init fed/
+
+  [dim]# tiny random model for quick experiments and tests; image only, rank 4 rsLoRA[/dim]
+  uniflow init fed/ --preset tiny-random --modalities image --r 4 --lora-alpha 8 --rslora
+
+  [dim]# your own local Hugging Face dirs[/dim]
+  uniflow init fed/ --preset custom --llm ./qwen --image-encoder ./siglip --audio-encoder ./whisper-base
+
+Writes fed/uniflow.toml ([model], [lora], [train], [aggregate]) and fed/rounds/0/global."""
+
+
+def init(
+    directory: Annotated[Path, typer.Argument(help="Workspace directory (created if missing).")] = Path("."),
+    preset: Annotated[str, typer.Option("--preset", "-p", help="smol (embedded real model) | tiny-random | custom.")] = "smol",
+    llm: Annotated[Optional[Path], typer.Option("--llm", help="custom: local HF causal-LM dir.", show_default=False)] = None,
+    image_encoder: Annotated[Optional[Path], typer.Option("--image-encoder", help="custom: local HF vision model dir.", show_default=False)] = None,
+    audio_encoder: Annotated[Optional[Path], typer.Option("--audio-encoder", help="custom: local HF Whisper/wav2vec2/HuBERT dir.", show_default=False)] = None,
+    modalities: Annotated[str, typer.Option("--modalities", help="Encoders to build, comma-separated (image,audio); text needs none.")] = "image,audio",
+    r: Annotated[int, typer.Option("--r", help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA α (scaling α/r, or α/√r with --rslora).")] = 16.0,
+    rslora: Annotated[bool, typer.Option("--rslora", help="Use rank-stabilised scaling α/√r.")] = False,
+    pool: Annotated[str, typer.Option("--pool", help="Eq. 3 pooling: cls | mean | adaptive.")] = "adaptive",
+    pool_tokens: Annotated[int, typer.Option("--pool-tokens", help="Tokens per modality with --pool adaptive.")] = 4,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels (DINOv2 patch 14).")] = 112,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Create a workspace: uniflow.toml and the round-0 global adapter (PEFT's seeded LoRA init)."""
+    from uniflow_cli.cli.console import err, out
+    from uniflow_cli.models.settings import ModelSettings
+    from uniflow_cli.models.workspace_init import init_workspace
+    from uniflow_cli.workspace import LoraSettings
+
+    model = ModelSettings(
+        preset=preset,
+        llm=str(llm) if llm else None,
+        image_encoder=str(image_encoder) if image_encoder else None,
+        audio_encoder=str(audio_encoder) if audio_encoder else None,
+        modalities=[m.strip() for m in modalities.split(",") if m.strip()],
+        pool=pool,
+        pool_tokens=pool_tokens,
+        image_size=image_size,
+    )
+    lora = LoraSettings(r=r, lora_alpha=lora_alpha, use_rslora=rslora)
+    with err.status("building the model") as status:
+        result = init_workspace(directory, model, lora, seed=seed, force=force, progress=lambda msg: status.update(msg))
+    c = result.counts
+    out.print(f"[green]workspace[/green] {result.root}")
+    out.print(f"  config         {result.config_path}")
+    out.print(f"  round 0 global {result.global_dir}  ({result.tensors} tensors)")
+    out.print(f"  base           {result.fingerprint}")
+    out.print(
+        f"  trainable      stage encoder {c['trainable_stage_encoder']:,} · stage llm {c['trainable_stage_llm']:,} "
+        f"(frozen: llm {c['llm']:,}, encoders {c['encoders']:,})"
+    )

@@ -1,0 +1,93 @@
+"""``uniflow local-train``: one client's round — two-stage LoRA training on its shard, adapter out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uniflow_cli.cli.options import ForceOpt, SeedOpt, WorkspaceOpt
+
+EPILOG = """[bold]Examples[/bold]
+
+  [dim]# inside a workspace: train on data/clients/3 from the latest global, drop rounds/t+1/clients/3[/dim]
+  uniflow local-train --client 3 --stage-tau 0.25
+
+  [dim]# explicit paths[/dim]
+  uniflow local-train --global fed/rounds/2/global --data fed/data/clients/3 --out drop/ --steps 40
+
+  [dim]# the paper's ablations[/dim]
+  uniflow local-train --client 0 --stages joint
+  uniflow local-train --client 0 --stage-by round --total-rounds 10 --stage-tau 0.5"""
+
+
+def local_train(
+    client: Annotated[Optional[str], typer.Option("--client", "-c", help="Client id (its shard is data/clients/<id>).", show_default=False)] = None,
+    stage_tau: Annotated[Optional[float], typer.Option("--stage-tau", "--tau", help="τ of Eq. 7: share of local steps (or rounds) in stage I (encoders).", show_default=False)] = None,
+    stages: Annotated[str, typer.Option("--stages", help="two-stage | joint | reverse | llm-only | encoder-only.")] = "two-stage",
+    stage_by: Annotated[str, typer.Option("--stage-by", help="step: split each round's steps; round: stage I for rounds < τ·R.")] = "step",
+    total_rounds: Annotated[Optional[int], typer.Option("--total-rounds", help="R, for --stage-by round.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: workspace [train] steps).", show_default=False)] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Instead of --steps: passes over the shard.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", show_default=False)] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[Optional[float], typer.Option("--lr", show_default=False)] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate token sequences to this length.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: same inputs and seed give the same bytes.", show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the uploaded tensors: float32, bfloat16 (half the bytes) or float16.")] = "float32",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Override the method recorded in the global (fedit, ffa, fedsa, fedex, fedA2, svd, flora).", show_default=False)] = None,
+    round_: Annotated[Optional[int], typer.Option("--round", "-t", help="The round to train for (reads round T-1's global). Default: the next one.", show_default=False)] = None,
+    global_dir: Annotated[Optional[Path], typer.Option("--global", help="Explicit mode: the global adapter to start from.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Explicit mode: the client's shard.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Explicit mode: where to publish the client adapter.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Explicit mode without a workspace: the model preset.", show_default=False)] = None,
+    state: Annotated[Optional[Path], typer.Option("--state", help="Client-private state dir (FedSA's B). Default in a workspace: state/clients/<id>.", show_default=False)] = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train one client for one round from the published global; publish its adapter atomically."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from uniflow_cli.cli.console import err, out as stdout
+    from uniflow_cli.cli.render import human_bytes
+    from uniflow_cli.training import LocalTrainConfig, run_local_train, train_defaults
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    defaults = train_defaults(workspace)
+    cfg = LocalTrainConfig(
+        tau=stage_tau if stage_tau is not None else defaults.tau,
+        steps=steps if steps is not None else (None if epochs is not None else defaults.steps),
+        epochs=epochs,
+        batch_size=batch_size if batch_size is not None else defaults.batch_size,
+        grad_accum=grad_accum,
+        lr=lr if lr is not None else defaults.lr,
+        weight_decay=weight_decay,
+        max_length=max_length,
+        seed=seed if seed is not None else defaults.seed,
+        stages=stages,
+        stage_by=stage_by,
+        dtype=dtype,
+    )
+    with Progress(TextColumn("[bold]local-train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(f"client {client or ''}", total=None, loss="-")
+        outcome = run_local_train(
+            cfg, client=client, workspace=workspace, global_dir=global_dir, data_dir=data, out=out, method=method,
+            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state, force=force,
+            on_step=lambda done, total, loss, stage: progress.update(task, completed=done, total=total, loss=f"{loss:.4f} ({stage})"),
+        )
+    s = outcome.stats
+    per_stage = ", ".join(f"{k} {v}" for k, v in s.steps_per_stage.items())
+    stdout.print(
+        f"[green]published[/green] {outcome.out}  round {outcome.round}, method {outcome.method}, {s.num_examples} examples, "
+        f"{s.steps} steps ({per_stage}), loss {s.first_loss:.4f} → {s.last_loss:.4f}, {s.seconds:.1f} s, "
+        f"upload {human_bytes(outcome.upload_bytes)}" + (f"; private B kept in {outcome.state_dir}" if outcome.state_dir else "")
+        + (f"; folded rounds {outcome.folded_rounds} into the base" if outcome.folded_rounds else ""),
+        soft_wrap=True,
+    )

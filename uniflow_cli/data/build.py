@@ -1,0 +1,308 @@
+"""Partition datasets into client shards and test splits, and read shards back.
+
+Three steps, each testable alone: :func:`resolve_sources` (names/paths → :class:`Source`, cheap),
+:func:`plan_partition` (pure: indices only, via :func:`partition_indices`), :func:`write_partition`
+(materialise the chosen rows and publish the whole ``data/`` directory atomically).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniflow_cli.data.partition import SCHEMES, even_sizes, label_entropy, label_histogram, partition_indices
+from uniflow_cli.data.schema import COLUMNS, MODALITIES
+from uniflow_cli.data.source import EITHER, TEST, TRAIN, Source
+from uniflow_cli.data.userdata import Columns
+from uniflow_cli.errors import ConfigError, DataError, UsageError
+
+FORMAT_VERSION = 1
+Progress = Callable[[int], None]
+
+
+@dataclass
+class PartitionRequest:
+    """What ``uniflow partition`` asks for (validated before any data is read)."""
+
+    datasets: list[str]
+    clients: list[tuple[str, int]]  # e.g. [("image", 5), ("audio", 5), ("mixed", 3)]
+    scheme: str = "iid"
+    alpha: float = 0.5
+    train_per_client: int | None = None  # None: every training row, split evenly
+    test_per_modality: int = 200
+    seed: int = 0
+    label_column: str | None = None  # None: the answer
+    columns: Columns = field(default_factory=Columns)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise UsageError("no dataset given", fix="pass --dataset easy-vqa (or spoken-qa, text-qa, a file or directory)")
+        if self.scheme not in SCHEMES:
+            raise UsageError(f"unknown partition scheme {self.scheme!r}", fix=f"use one of: {', '.join(SCHEMES)}")
+        if self.scheme != "iid" and not (isinstance(self.alpha, (int, float)) and np.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"alpha={self.alpha!r} must be a finite number > 0", fix="use --alpha 0.5 (smaller = more skew)")
+        if self.train_per_client is not None and self.train_per_client < 1:
+            raise UsageError(f"--train-per-client {self.train_per_client} must be >= 1", fix="e.g. --train-per-client 2000")
+        if self.test_per_modality < 1:
+            raise UsageError(f"--test-per-modality {self.test_per_modality} must be >= 1", fix="e.g. --test-per-modality 200")
+
+
+def resolve_source(name: str, *, columns: Columns | None = None, seed: int = 0) -> Source:
+    """A built-in name (``easy-vqa``, ``spoken-qa``, ``text-qa``) or a path to a user dataset."""
+    from uniflow_cli.data.builtin import BUILTINS, load_builtin
+
+    if name in BUILTINS:
+        return load_builtin(name, seed)
+    path = Path(name)
+    if not path.exists():
+        raise UsageError(
+            f"unknown dataset {name!r}: not a built-in and no such file or directory",
+            fix=f"use one of {', '.join(BUILTINS)} or a path to a .jsonl/.csv/.parquet file or dataset directory",
+        )
+    from uniflow_cli.data.userdata import load_user
+
+    return load_user(path, columns)
+
+
+def resolve_sources(request: PartitionRequest) -> list[Source]:
+    seen: set[str] = set()
+    out = []
+    for name in request.datasets:
+        if name in seen:
+            raise UsageError(f"--dataset {name} given twice", fix="name each dataset once")
+        seen.add(name)
+        out.append(resolve_source(name, columns=request.columns, seed=request.seed))
+    return out
+
+
+@dataclass
+class ClientPlan:
+    id: int
+    kind: str  # image | audio | text | mixed
+    modalities: list[str]
+    picks: dict[str, list[tuple[int, int]]]  # modality -> [(source index, row index)]
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.picks.values())
+
+
+@dataclass
+class Plan:
+    request: PartitionRequest
+    sources: list[Source]
+    clients: list[ClientPlan]
+    test: dict[str, list[tuple[int, int]]]
+    pool_rows: dict[str, int]
+
+    def label(self, s: int, i: int) -> str:
+        return self.sources[s].labels(self.request.label_column)[i]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(c.count for c in self.clients) + sum(len(v) for v in self.test.values())
+
+
+def _sub_seed(seed: int, *salt: int) -> int:
+    # Independent, reproducible streams per modality and purpose (test draw vs. client split).
+    return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])
+
+
+def plan_partition(request: PartitionRequest, sources: list[Source]) -> Plan:
+    """Choose test rows and client shards (indices only; no media read). Deterministic in the seed."""
+    present = [m for m in MODALITIES if any(s.modality == m for s in sources)]
+    clients: list[ClientPlan] = []
+    for kind, count in request.clients:
+        if kind == "mixed":
+            mods = present
+        elif kind not in present:
+            hint = {"image": "easy-vqa", "audio": "spoken-qa", "text": "text-qa"}[kind]
+            raise UsageError(
+                f"--clients asks for {kind} clients but no {kind} dataset is given (have: {', '.join(present)})",
+                fix=f"add --dataset {hint} or drop {kind}:{count} from --clients",
+            )
+        else:
+            mods = [kind]
+        for _ in range(count):
+            clients.append(ClientPlan(id=len(clients), kind=kind, modalities=list(mods), picks={m: [] for m in mods}))
+    used = [m for m in present if any(m in c.modalities for c in clients)]
+    test: dict[str, list[tuple[int, int]]] = {}
+    pool_rows: dict[str, int] = {}
+    for mi, m in enumerate(used):
+        entries = [(si, i, int(r)) for si, s in enumerate(sources) if s.modality == m for i, r in enumerate(s.roles)]
+        names = ", ".join(s.name for s in sources if s.modality == m)
+        if not entries:
+            raise DataError(f"the {m} datasets ({names}) are empty", fix="check the dataset paths")
+        for si in {e[0] for e in entries}:
+            sources[si].labels(request.label_column)  # fail now on a missing --label-column
+        cand = [k for k, e in enumerate(entries) if e[2] in (TEST, EITHER)]
+        if request.test_per_modality > len(cand):
+            raise DataError(
+                f"--test-per-modality {request.test_per_modality} but the {m} data ({names}) has only {len(cand)} test candidates",
+                fix=f"use --test-per-modality {len(cand)} or less",
+            )
+        rng = np.random.default_rng(_sub_seed(request.seed, 1, mi))
+        chosen = set(np.sort(rng.choice(cand, size=request.test_per_modality, replace=False)).tolist())
+        test[m] = [(entries[k][0], entries[k][1]) for k in sorted(chosen)]
+        train = [e for k, e in enumerate(entries) if k not in chosen and e[2] in (TRAIN, EITHER)]
+        pool_rows[m] = len(train)
+        holders = [c for c in clients if m in c.modalities]
+        if request.train_per_client is None:
+            sizes = None
+        else:  # a mixed client spreads its quota evenly over its modalities
+            sizes = [even_sizes(request.train_per_client, len(c.modalities))[c.modalities.index(m)] for c in holders]
+            if min(sizes) < 1:
+                raise UsageError(
+                    f"--train-per-client {request.train_per_client} is too small to give mixed clients every modality",
+                    fix=f"use --train-per-client {len(present)} or more",
+                )
+        labels = [sources[si].labels(request.label_column)[i] for si, i, _r in train]
+        try:
+            parts = partition_indices(
+                labels, len(holders), scheme=request.scheme, alpha=request.alpha, sizes=sizes, seed=_sub_seed(request.seed, 2, mi)
+            )
+        except DataError as exc:
+            raise DataError(f"{m} training data ({names}, {len(train)} rows after the test split): {exc.problem}", fix=exc.fix) from exc
+        for c, idx in zip(holders, parts):
+            c.picks[m] = [(train[k][0], train[k][1]) for k in idx.tolist()]
+    return Plan(request=request, sources=sources, clients=clients, test=test, pool_rows=pool_rows)
+
+
+def _materialise(plan: Plan, picks: list[tuple[int, int]], progress: Progress | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    by_source: dict[int, list[int]] = {}
+    for s, i in picks:
+        by_source.setdefault(s, []).append(i)
+    for s, idx in by_source.items():  # one fetch per source: spoken-qa synthesises a batch in parallel
+        for i, row in zip(idx, plan.sources[s].fetch(idx, progress)):
+            row["label"] = plan.label(s, i)
+            rows.append(row)
+    return rows
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+    """The content of ``partition.json`` (no timestamps: same inputs and seed → same bytes)."""
+    req = plan.request
+    clients = []
+    for c in plan.clients:
+        labels = [plan.label(s, i) for m in c.modalities for s, i in c.picks[m]]
+        arr = np.arange(len(labels))
+        clients.append(
+            {
+                "id": c.id,
+                "kind": c.kind,
+                "dir": f"clients/{c.id}",
+                "modalities": c.modalities,
+                "count": c.count,
+                "counts": {m: len(c.picks[m]) for m in c.modalities},
+                "label_entropy_bits": round(label_entropy(labels, arr), 4),
+                "label_histogram": label_histogram(labels, arr),
+            }
+        )
+    modalities = {
+        m: {
+            "datasets": [s.name for s in plan.sources if s.modality == m],
+            "clients": [c.id for c in plan.clients if m in c.modalities],
+            "train_rows": sum(len(c.picks.get(m, [])) for c in plan.clients),
+            "train_pool_rows": plan.pool_rows[m],
+            "test_dir": f"test/{m}",
+            "test_rows": len(rows),
+        }
+        for m, rows in plan.test.items()
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "scheme": req.scheme,
+        "alpha": req.alpha if req.scheme != "iid" else None,
+        "seed": req.seed,
+        "label_column": req.label_column or "answer",
+        "train_per_client": req.train_per_client,
+        "test_per_modality": req.test_per_modality,
+        "clients_spec": ",".join(f"{k}:{n}" for k, n in req.clients),
+        "sources": [s.describe() for s in plan.sources],
+        "modalities": modalities,
+        "clients": clients,
+    }
+
+
+def write_partition(
+    plan: Plan, out: Path, *, force: bool = False, plot: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Materialise the plan into ``out`` (``clients/<k>/``, ``test/<modality>/``, ``partition.json``
+    and, with ``plot``, ``partition.png``), published in one atomic rename. Returns the summary."""
+    import datasets
+
+    from uniflow_cli.atomic import publish_dir
+    from uniflow_cli.data.schema import rows_to_dataset
+
+    datasets.disable_progress_bars()
+    info = summary(plan)
+    with publish_dir(Path(out), force=force) as tmp:
+        for m, picks in plan.test.items():
+            rows_to_dataset(_materialise(plan, picks, progress)).save_to_disk(str(tmp / "test" / m))
+        for c in plan.clients:
+            picks = [p for m in c.modalities for p in c.picks[m]]
+            rows_to_dataset(_materialise(plan, picks, progress)).save_to_disk(str(tmp / "clients" / str(c.id)))
+        (tmp / "partition.json").write_text(json.dumps(info, indent=2) + "\n")
+        if plot:
+            from uniflow_cli.data.plot import plot_label_shares
+
+            plot_label_shares(info, tmp / "partition.png")
+    return info
+
+
+def partition(
+    request: PartitionRequest, out: Path, *, force: bool = False, plot: bool = False, progress_factory=None
+) -> dict[str, Any]:
+    """The whole ``uniflow partition``: check the target, load, plan, write. ``progress_factory(total)``
+    returns an ``advance(n)`` callback (the CLI's rich progress bar)."""
+    from uniflow_cli.atomic import check_writable_target
+    from uniflow_cli.errors import OutputExistsError
+
+    if Path(out).exists() and not force:  # existing data is an error before any work
+        raise OutputExistsError(
+            f"data directory {out} already exists (an earlier partition)",
+            fix="pass --force to replace it, or choose another --out/--workspace",
+        )
+    check_writable_target(Path(out), force=force)
+    plan = plan_partition(request, resolve_sources(request))
+    progress = progress_factory(plan.total_rows) if progress_factory else None
+    return write_partition(plan, out, force=force, plot=plot, progress=progress)
+
+
+def load_split(path: str | Path):
+    """A client shard or test split written by ``uniflow partition``, as a ``datasets.Dataset``."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"no dataset directory at {path}", fix="run 'uniflow partition' first, or check the path")
+    if not (path / "state.json").is_file():
+        raise DataError(
+            f"{path} is not a saved dataset (no state.json)", fix="point to data/clients/<k> or data/test/<modality>"
+        )
+    datasets.disable_progress_bars()
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}/state.json is unreadable: {exc}", fix="re-create it with 'uniflow partition'") from exc
+    if not state.get("_data_files"):  # datasets saves an empty dataset as zero shards
+        raise DataError(f"dataset {path} is empty (0 rows)", fix="re-run 'uniflow partition' with more data per client")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # missing/corrupt arrow shards surface as many exception types
+        raise DataError(f"cannot load dataset {path}: {str(exc).splitlines()[0]}", fix="re-create it with 'uniflow partition'") from exc
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path} lacks column(s) {', '.join(missing)} (present: {', '.join(ds.column_names)})",
+            fix="re-create it with 'uniflow partition'",
+        )
+    if len(ds) == 0:
+        raise DataError(f"dataset {path} is empty (0 rows)", fix="re-run 'uniflow partition' with more data per client")
+    return ds

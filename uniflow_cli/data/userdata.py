@@ -1,0 +1,260 @@
+"""User datasets: JSONL/JSON/CSV/parquet files, ``save_to_disk`` directories, image/audio folders.
+
+Tables are read with ``datasets``; a row needs a question and an answer column and at most one media
+column (image or audio). Media paths are relative to the file (or folder) that names them. Audio is
+never decoded by ``datasets`` (that needs torchcodec): it is read with soundfile and stored as
+16 kHz mono WAV. Only the rows a partition selects are read, so one unreadable file elsewhere does
+not stop a partition; a selected one stops it with the file and row.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniflow_cli.data.schema import make_row
+from uniflow_cli.data.source import EITHER, TEST, TRAIN, Progress, Source
+from uniflow_cli.errors import DataError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
+TABLE_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SPLIT_ROLES = {"train": TRAIN, "test": TEST, "validation": TEST, "valid": TEST, "eval": TEST}
+
+
+@dataclass
+class Columns:
+    """Column names of a user dataset (``--question-column`` etc.)."""
+
+    question: str = "question"
+    answer: str = "answer"
+    media: str | None = None  # None: "image", else "audio", else "file_name" (folders), else text-only
+
+
+@dataclass
+class _Part:
+    role: int
+    ds: Any  # datasets.Dataset
+    base: Path  # relative media paths resolve against this directory
+    origin: str  # file name used in error messages
+
+
+def _read_table(path: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    kind = TABLE_EXTS[path.suffix.lower()]
+    try:
+        # keep_in_memory: no cache files written into ~/.cache/huggingface for a one-off read
+        if kind == "json":
+            return datasets.Dataset.from_json(str(path), keep_in_memory=True)
+        if kind == "csv":
+            return datasets.Dataset.from_csv(str(path), keep_in_memory=True)
+        return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as exc:  # datasets wraps parser errors in many types; the message is what matters
+        msg = str(exc).lower()
+        if "empty" in msg or "no data" in msg or not path.read_bytes().strip():
+            raise DataError(f"dataset {path} is empty (0 rows)", fix="add rows with question and answer") from exc
+        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0]}", fix=f"check that it is valid {kind}") from exc
+
+
+def _folder_parts(root: Path) -> list[_Part] | None:
+    """imagefolder/audiofolder layout: metadata.{jsonl,csv,parquet} beside the files (or in train/, test/)."""
+
+    def meta(d: Path) -> Path | None:
+        for name in ("metadata.jsonl", "metadata.csv", "metadata.parquet"):
+            if (d / name).is_file():
+                return d / name
+        return None
+
+    if meta(root):
+        m = meta(root)
+        return [_Part(EITHER, _read_table(m), root, str(m))]
+    parts = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name in _SPLIT_ROLES):
+        m = meta(sub)
+        if m:
+            parts.append(_Part(_SPLIT_ROLES[sub.name], _read_table(m), sub, str(m)))
+    return parts or None
+
+
+def _parts(path: Path) -> tuple[list[_Part], bool]:
+    """The tables of a dataset path and whether it is a media folder (media column ``file_name``)."""
+    import datasets
+
+    if path.is_file():
+        if path.suffix.lower() not in TABLE_EXTS:
+            raise DataError(
+                f"unsupported dataset file {path}", fix="use .jsonl, .json, .csv or .parquet, or a save_to_disk directory"
+            )
+        return [_Part(EITHER, _read_table(path), path.parent, str(path))], False
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            return [_Part(_SPLIT_ROLES.get(k, EITHER), v, path, f"{path} [{k}]") for k, v in loaded.items()], False
+        return [_Part(EITHER, loaded, path, str(path))], False
+    folder = _folder_parts(path)
+    if folder:
+        return folder, True
+    raise DataError(
+        f"{path} is neither a save_to_disk dataset nor a folder with metadata.jsonl/csv/parquet",
+        fix="add a metadata.jsonl (file_name, question, answer) or pass a .jsonl/.csv/.parquet file",
+    )
+
+
+def _modality_of(part: _Part, column: str) -> str:
+    import datasets
+
+    feat = part.ds.features[column]
+    if isinstance(feat, datasets.Image):
+        return "image"
+    if isinstance(feat, datasets.Audio):
+        return "audio"
+    for value in part.ds[column]:
+        name = value if isinstance(value, str) else (value or {}).get("path") if isinstance(value, dict) else None
+        if name:
+            ext = Path(name).suffix.lower()
+            if ext in IMAGE_EXTS:
+                return "image"
+            if ext in AUDIO_EXTS:
+                return "audio"
+            raise DataError(
+                f"media column {column!r} of {part.origin} holds {name!r}, neither an image nor an audio file",
+                fix=f"use image files ({', '.join(sorted(IMAGE_EXTS))}) or audio files ({', '.join(sorted(AUDIO_EXTS))})",
+            )
+    raise DataError(f"media column {column!r} of {part.origin} is empty in every row", fix="fill it or drop --media-column")
+
+
+def _undecoded(part: _Part, column: str) -> None:
+    import datasets
+
+    feat = part.ds.features[column]
+    if isinstance(feat, datasets.Image) and feat.decode:
+        part.ds = part.ds.cast_column(column, datasets.Image(decode=False))
+    elif isinstance(feat, datasets.Audio) and feat.decode:
+        part.ds = part.ds.cast_column(column, datasets.Audio(decode=False))
+
+
+def _media_bytes(value: Any, base: Path) -> tuple[bytes, str]:
+    """(bytes, where) of a path / bytes / {"bytes","path"} media value."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return bytes(value["bytes"]), str(value.get("path") or "embedded bytes")
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), "embedded bytes"
+    if not value:
+        raise FileNotFoundError("no media value")
+    p = Path(value)
+    p = p if p.is_absolute() else base / p
+    return p.read_bytes(), str(p)
+
+
+def load_user(path: str | Path, columns: Columns | None = None) -> Source:
+    """Load a user dataset as a :class:`Source` (checks columns and emptiness; media read on fetch)."""
+    from uniflow_cli.data.media import encode_wav, load_audio
+
+    columns = columns or Columns()
+    path = Path(path)
+    parts, is_folder = _parts(path)
+    present = list(parts[0].ds.column_names)
+    media = columns.media or next((c for c in ("image", "audio") if c in present), None)
+    if media is None and is_folder:
+        media = "file_name"
+    need = [c for c in (columns.question, columns.answer, media) if c is not None]
+    for part in parts:
+        missing = [c for c in need if c not in part.ds.column_names]
+        if missing:
+            flags = {columns.question: "--question-column", columns.answer: "--answer-column", media: "--media-column"}
+            raise DataError(
+                f"column(s) {', '.join(repr(c) for c in missing)} missing from {part.origin} "
+                f"(present: {', '.join(part.ds.column_names) or 'none'})",
+                fix=" and ".join(f"pass {flags[c]} NAME" for c in missing),
+            )
+    total = sum(len(p.ds) for p in parts)
+    if total == 0:
+        raise DataError(f"dataset {path} is empty (0 rows)", fix="add rows with question and answer")
+    modality = "text"
+    if media is not None:
+        for part in parts:
+            _undecoded(part, media)
+        modality = _modality_of(next(p for p in parts if len(p.ds)), media)
+
+    questions: list[str] = []
+    answers: list[str] = []
+    roles: list[int] = []
+    where: list[tuple[int, int]] = []  # local index -> (part, row)
+    extra: dict[str, list[str]] = {}
+    scalar_cols = [
+        c for c in present if c not in (columns.question, media) and all(c in p.ds.column_names for p in parts)
+    ]
+    for pi, part in enumerate(parts):
+        qs, ans = part.ds[columns.question], part.ds[columns.answer]
+        for r, (q, a) in enumerate(zip(qs, ans)):
+            if q is None or a is None or str(q).strip() == "":
+                col = columns.question if q is None or str(q).strip() == "" else columns.answer
+                raise DataError(f"row {r + 1} of {part.origin} has no {col!r}", fix="fill it or drop the row")
+            questions.append(str(q))
+            answers.append(str(a))
+            roles.append(part.role)
+            where.append((pi, r))
+        for c in scalar_cols:
+            vals = part.ds[c]
+            if all(v is None or isinstance(v, (str, int, float, bool)) for v in vals[:100]):
+                extra.setdefault(c, []).extend("" if v is None else str(v) for v in vals)
+    extra = {c: v for c, v in extra.items() if len(v) == len(questions)}
+    name = path.stem if path.is_file() else path.name
+
+    def fetch(indices: Sequence[int], progress: Progress | None = None) -> list[dict]:
+        rows = []
+        for i in indices:
+            pi, r = where[int(i)]
+            part = parts[pi]
+            media_kw: dict[str, bytes] = {}
+            if modality != "text":
+                value = part.ds[r][media]
+                try:
+                    data, src = _media_bytes(value, part.base)
+                except OSError as exc:
+                    raise DataError(
+                        f"unreadable {modality} {value.get('path') if isinstance(value, dict) else value!r} "
+                        f"(row {r + 1} of {part.origin}): {exc.strerror or exc}",
+                        fix="fix the path (relative to the dataset file) or drop the row",
+                    ) from exc
+                try:
+                    if modality == "image":
+                        from PIL import Image
+
+                        with Image.open(io.BytesIO(data)) as im:
+                            im.load()  # full decode: a truncated file must fail here, not in training
+                        media_kw["image_bytes"] = data
+                    else:
+                        media_kw["audio_bytes"] = encode_wav(load_audio(data))
+                except Exception as exc:
+                    raise DataError(
+                        f"unreadable {modality} {src} (row {r + 1} of {part.origin}): {str(exc).splitlines()[0]}",
+                        fix=f"replace the file with a valid {modality} or drop the row",
+                    ) from exc
+            rows.append(
+                make_row(id=f"{name}-{int(i)}", modality=modality, question=questions[int(i)], answer=answers[int(i)], **media_kw)
+            )
+            if progress:
+                progress(1)
+        return rows
+
+    return Source(
+        name=name,
+        modality=modality,
+        kind="user",
+        questions=questions,
+        answers=answers,
+        roles=np.array(roles, dtype=np.int8),
+        fetch=fetch,
+        label_columns=extra,
+        path=str(path),
+    )

@@ -1,0 +1,458 @@
+"""Evaluation: teacher-forced token accuracy and greedy generation scored with the standard libraries.
+
+Two layers, as everywhere in uniflow:
+
+* :func:`evaluate_model` — the in-memory core: a built model and samples per modality in, the
+  :func:`uniflow_cli.metrics.summarize` dict and the per-sample records out. No paths, no printing.
+* :func:`run_evaluate` — the I/O around it for ``uniflow evaluate``: resolves what to evaluate (a
+  workspace round, the untrained base, or an explicit adapter + data), validates every input *before*
+  the expensive model build, assembles the model the adapter describes (FedEx residuals and FLoRA
+  merges of earlier rounds folded into the base weights) and writes the eval JSON atomically.
+
+Determinism: the model runs in eval mode (no dropout), generation is greedy (no sampling) and the RNG
+is seeded inside a forked RNG state, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.errors import (
+    AdapterError,
+    DataError,
+    IncompatibleAdaptersError,
+    UsageError,
+    WorkspaceError,
+)
+
+#: How many predictions per modality the eval JSON keeps (the metrics cover every sample).
+SAMPLES_IN_JSON = 10
+#: Modalities that need an encoder (text needs none).
+ENCODER_MODALITIES = ("image", "audio")
+
+OnBatch = Callable[[int, int, str], None]  # (samples done, samples total, phase/modality)
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-memory core
+# --------------------------------------------------------------------------------------------------
+def _rows(samples: Any, limit: int | None) -> list[dict[str, Any]]:
+    # datasets.Dataset and plain lists both support len() and integer indexing; rows become dicts.
+    n = len(samples) if limit is None else min(limit, len(samples))
+    return [dict(samples[i]) for i in range(n)]
+
+
+def evaluate_model(
+    model: Any,
+    datasets_by_modality: Mapping[str, Any],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    limit: int | None = None,
+    bertscore_model: str | Path | None = None,
+    bertscore_layers: int | None = None,
+    on_batch: OnBatch | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Score ``model`` on the samples of each modality.
+
+    For every batch: (1) teacher-forced token accuracy from ``model(collate(batch, train=True))``
+    (:func:`uniflow_cli.metrics.token_accuracy`, counted per sample and pooled later), (2) greedy
+    generation of up to ``max_new_tokens`` tokens for EM, BLEU, ROUGE-L; after all batches one
+    BERTScore pass. ``limit`` keeps the first N samples of each modality (deterministic).
+
+    Returns ``(metrics, samples)``: ``metrics`` is :func:`uniflow_cli.metrics.summarize`'s dict
+    (percentages per modality and ``overall``), ``samples`` maps each modality to its per-sample
+    records (``id``, ``question``, ``prediction``, ``reference``, ``correct``, ``total``, ``bert_*``).
+    """
+    import torch
+
+    from uniflow_cli.metrics import attach_bertscore, resolve_bertscore_model, summarize, token_accuracy
+    from uniflow_cli.models import collate, unwrap
+
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1", fix="use --max-new-tokens 16")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be >= 1", fix="use --batch-size 8")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit} must be >= 1", fix="omit --limit to use every sample")
+    resolve_bertscore_model(bertscore_model, bertscore_layers)  # a bad backbone fails before generation
+
+    have = set(unwrap(model).modalities)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for modality in sorted(datasets_by_modality):
+        if modality in ENCODER_MODALITIES and modality not in have:
+            raise DataError(
+                f"the test data has {modality} samples but the model has no {modality} encoder (encoders: {', '.join(sorted(have)) or 'none'})",
+                fix=f"evaluate with a model whose [model] modalities include {modality!r}, or remove that split",
+            )
+        rows = _rows(datasets_by_modality[modality], limit)
+        if not rows:
+            raise DataError(f"the {modality} test set is empty (0 samples)", fix="re-run 'uniflow partition' with a test split")
+        for row in rows:
+            if row.get("modality") != modality:
+                raise DataError(
+                    f"sample {row.get('id')!r} has modality {row.get('modality')!r} but is in the {modality} split",
+                    fix="re-create the test split with 'uniflow partition'",
+                )
+        groups[modality] = rows
+
+    total = sum(len(rows) for rows in groups.values())
+    done = 0
+    records: list[dict[str, Any]] = []
+    model.eval()  # dropout off: evaluation must not depend on the RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for modality, rows in groups.items():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                with torch.inference_mode():
+                    batch = collate(chunk, model, train=True)
+                    logits = model(batch).logits
+                    labels = batch["labels"]
+                    counts = [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(len(chunk))]
+                    predictions = model.generate(collate(chunk, model, train=False), max_new_tokens=max_new_tokens)
+                for row, (correct, n_tokens), prediction in zip(chunk, counts, predictions):
+                    records.append(
+                        {
+                            "modality": modality,
+                            "id": str(row.get("id", "")),
+                            "question": str(row.get("question", "")),
+                            "prediction": prediction,
+                            "reference": str(row.get("answer", "")).strip(),
+                            "correct": correct,
+                            "total": n_tokens,
+                        }
+                    )
+                done += len(chunk)
+                if on_batch is not None:
+                    on_batch(done, total, modality)
+    if on_batch is not None:
+        on_batch(done, total, "BERTScore")
+    records = attach_bertscore(records, model_path=bertscore_model, num_layers=bertscore_layers)
+    metrics = summarize(records)
+    by_modality: dict[str, list[dict[str, Any]]] = {m: [] for m in groups}
+    for rec in records:
+        by_modality[rec["modality"]].append(rec)
+    return metrics, by_modality
+
+
+# --------------------------------------------------------------------------------------------------
+# Folding earlier rounds into the base weights (FedEx residuals, FLoRA merges)
+# --------------------------------------------------------------------------------------------------
+def _base_weight(peft_model: Any, key: str, where: str) -> Any:
+    """The frozen base weight a residual key (``llm.model.layers.0.self_attn.q_proj.weight``) names."""
+    if not key.endswith(".weight"):
+        raise AdapterError(f"{where}: residual key {key!r} does not name a weight", fix="re-publish the adapter with 'uniflow aggregate'")
+    module_name = key[: -len(".weight")]
+    try:
+        module = peft_model.get_submodule("base_model.model." + module_name)
+    except AttributeError:
+        raise AdapterError(f"{where}: residual key {key!r} names no module of this model", fix="evaluate with the model the adapter was made for") from None
+    # A LoRA-wrapped layer keeps the frozen W_0 in base_layer; the residual belongs there, not in LoRA.
+    layer = getattr(module, "base_layer", module)
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        raise AdapterError(f"{where}: module {module_name!r} has no weight", fix="evaluate with the model the adapter was made for")
+    return weight
+
+
+def add_to_base(peft_model: Any, deltas: Mapping[str, Any], *, where: str) -> int:
+    """Add dense ΔW tensors (keys: module path in the UniflowModel + ``.weight``) to the frozen base."""
+    import torch
+
+    with torch.no_grad():
+        for key in sorted(deltas):
+            weight = _base_weight(peft_model, key, where)
+            delta = deltas[key]
+            if tuple(delta.shape) != tuple(weight.shape):
+                raise AdapterError(
+                    f"{where}: residual {key!r} has shape {tuple(delta.shape)}, the base weight is {tuple(weight.shape)}",
+                    fix="evaluate with the model the adapter was made for",
+                )
+            weight.add_(delta.to(weight.dtype))
+    return len(deltas)
+
+
+def lora_deltas(loaded: Any) -> dict[str, Any]:
+    """ΔW = s · B A of every LoRA pair of a loaded adapter, keyed like FedEx residuals (for FLoRA merges)."""
+    import torch
+
+    from uniflow_cli.adapters import base_weight_key, lora_modules, lora_scaling
+
+    pairs, _ = lora_modules(loaded.tensors.keys())
+    deltas = {}
+    for module, (a_key, b_key) in pairs.items():
+        if a_key is None or b_key is None:
+            continue  # B = 0 (or A absent): contributes nothing
+        A = loaded.tensors[a_key].to(torch.float32)
+        B = loaded.tensors[b_key].to(torch.float32)
+        delta = lora_scaling(loaded.peft_config, module, int(A.shape[0])) * (B @ A)
+        if loaded.peft_config.get("fan_in_fan_out"):
+            delta = delta.T
+        deltas[base_weight_key(module)] = delta
+    return deltas
+
+
+def _merges_into_base(loaded: Any) -> bool:
+    extra = loaded.meta.extra if loaded.meta is not None else {}
+    aggregation = extra.get("aggregation") if isinstance(extra, dict) else None
+    return bool(isinstance(aggregation, dict) and aggregation.get("merge_into_base"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The I/O layer: uniflow evaluate
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    payload: dict[str, Any]
+    path: Path
+    round: int
+    notices: list[str] = field(default_factory=list)
+
+
+def _settings_for(workspace: Any, preset: str | None, modalities: Sequence[str]) -> tuple[Any, Any]:
+    """(ModelSettings, LoraSettings): the workspace's uniflow.toml, or a preset with the given encoders."""
+    from uniflow_cli.models.settings import ModelSettings
+    from uniflow_cli.models.workspace_init import settings_from_config
+    from uniflow_cli.workspace import LoraSettings
+
+    if preset is not None:
+        return ModelSettings(preset=preset, modalities=list(modalities)), LoraSettings()
+    return settings_from_config(workspace.config())
+
+
+def _adapter_modalities(loaded: Any) -> list[str]:
+    # The projectors an adapter carries are exactly the encoders of the model it was made for.
+    saved = loaded.peft_config.get("modules_to_save") or []
+    return [m for m in ENCODER_MODALITIES if f"projectors.{m}" in saved]
+
+
+def _check_fingerprint(loaded: Any, fingerprint: str) -> None:
+    theirs = loaded.meta.base_fingerprint if loaded.meta is not None else None
+    if theirs is not None and theirs != fingerprint:
+        raise IncompatibleAdaptersError(
+            f"adapter {loaded.path} was made for base {theirs}, the configured model is {fingerprint}",
+            fix="use the [model] settings (workspace or --preset) of the run that produced the adapter",
+        )
+
+
+def _load_test_splits(ws: Any) -> dict[str, Any]:
+    from uniflow_cli.data import load_split
+
+    test_root = ws.data_dir / "test"
+    names = sorted(p.name for p in test_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_root.is_dir() else []
+    if not names:
+        raise DataError(f"no test split in {test_root}", fix="run 'uniflow partition' (it writes data/test/<modality>)")
+    return {name: load_split(ws.test_data(name)) for name in names}
+
+
+def _group_by_modality(splits: Sequence[tuple[Path, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Explicit --data dirs may mix modalities (a client shard): group their rows by the modality column."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for _path, ds in splits:
+        for i in range(len(ds)):
+            row = dict(ds[i])
+            groups.setdefault(str(row.get("modality")), []).append(row)
+    return groups
+
+
+def _check_encoders(modalities: Sequence[str], available: Sequence[str], source: str) -> None:
+    for modality in modalities:
+        if modality in ENCODER_MODALITIES and modality not in available:
+            raise DataError(
+                f"{source} has {modality} samples but the model has no {modality} encoder (encoders: {', '.join(available) or 'none'})",
+                fix=f"add {modality!r} to modalities in [model] of uniflow.toml (or use a matching adapter), or drop that split",
+            )
+
+
+def run_evaluate(
+    *,
+    workspace: Path | None = None,
+    round: int | None = None,
+    base: bool = False,
+    adapter: Path | None = None,
+    data: Sequence[Path] = (),
+    preset: str | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    limit: int | None = None,
+    bertscore_model: Path | None = None,
+    bertscore_layers: int | None = None,
+    on_batch: OnBatch | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """The whole ``uniflow evaluate``; returns the written payload. Every check runs before the model build.
+
+    Workspace mode (no ``adapter``/``data``): evaluate ``rounds/<T>/global`` (default: the latest
+    published round; ``round=0`` or ``base`` = the untrained model) on every ``data/test/<modality>``
+    and write ``eval/round-<T>.json`` (or ``out``). Explicit mode (``data`` given): evaluate ``adapter``
+    (or, with ``base``, the untrained model) on the given split directories with model settings from
+    the workspace's uniflow.toml or ``preset``; writes ``out`` (required).
+    """
+    from uniflow_cli.adapters import read_adapter
+    from uniflow_cli.atomic import check_writable_target
+    from uniflow_cli.data import load_split
+    from uniflow_cli.evaluation_io import build_eval_payload, write_eval_json
+    from uniflow_cli.metrics import DEFAULT_BERTSCORE_MODEL, resolve_bertscore_model
+    from uniflow_cli.models import base_fingerprint
+    from uniflow_cli.workspace import find_workspace
+
+    status = on_status or (lambda _msg: None)
+    notices: list[str] = []
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1", fix="use --max-new-tokens 16")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be >= 1", fix="use --batch-size 8")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit} must be >= 1", fix="omit --limit to use every sample")
+    if base and round not in (None, 0):
+        raise UsageError(f"--base is round 0, but --round {round} was given", fix="pass either --base or --round T")
+    if adapter is not None and (base or round is not None):
+        raise UsageError("--adapter cannot be combined with --base or --round", fix="pass --adapter DIR --data DIR, or --round T")
+    explicit = adapter is not None or bool(data)
+    if preset is not None and not explicit:
+        raise UsageError("--preset only applies with --adapter/--data (a workspace uses its uniflow.toml)", fix="drop --preset, or pass --data DIR")
+    if explicit and not data:
+        raise UsageError("--adapter needs --data DIR (the split to evaluate on)", fix="add --data data/test/<modality>")
+    if explicit and adapter is None and not base:
+        raise UsageError("--data needs --adapter DIR or --base", fix="pass --adapter DIR (or --base for the untrained model)")
+    if explicit and round is not None:
+        raise UsageError("--round selects a workspace round and cannot be combined with --data", fix="use --adapter rounds/<T>/global --data DIR")
+    if explicit and out is None:
+        raise UsageError("explicit mode (--data) needs --out FILE for the eval JSON", fix="add --out eval.json")
+    bs_dir, bs_layers = resolve_bertscore_model(bertscore_model, bertscore_layers)
+    bs_name = DEFAULT_BERTSCORE_MODEL if bertscore_model is None else str(bs_dir)
+
+    ws = None
+    if not explicit or preset is None:
+        ws = find_workspace(workspace, required=not explicit)
+        if ws is None:
+            raise UsageError("no model settings: no workspace found and no --preset given", fix="pass --workspace DIR (its uniflow.toml) or --preset tiny-random|smol")
+
+    # ---- what to evaluate: the chain of adapters (rounds 1..T feed the base; round T is loaded) ----
+    chain: list[Any] = []  # earlier rounds, oldest first (only their residuals / FLoRA merges are used)
+    final = None  # the adapter whose LoRA tensors are loaded; None = the untrained model
+    if explicit:
+        t = 0 if base else None
+        if adapter is not None:
+            final = read_adapter(Path(adapter))
+            t = final.meta.round if final.meta is not None and final.meta.round is not None else None
+        # Explicit data: every --data dir must load, and together they must hold samples.
+        loaded_splits = [(Path(d), load_split(d)) for d in data]
+        samples_by_modality: dict[str, Any] = _group_by_modality(loaded_splits)
+        out_path = Path(out)  # type: ignore[arg-type]
+        source = ", ".join(str(d) for d in data)
+    else:
+        assert ws is not None
+        published = ws.published_rounds()
+        if not published:
+            raise WorkspaceError(f"no global adapter is published in {ws.root / 'rounds'}", fix="run 'uniflow init' to create round 0")
+        t = 0 if base else (published[-1] if round is None else round)
+        if t not in published:
+            raise WorkspaceError(
+                f"round {t} is not published in {ws.root / 'rounds'} (published: {', '.join(map(str, published))})",
+                fix=f"pick a published round, e.g. --round {published[-1]}",
+            )
+        final = read_adapter(ws.global_dir(t))
+        chain = [read_adapter(ws.global_dir(s)) for s in range(1, t) if s in published]
+        if t > 0 and len(chain) != t - 1:
+            missing = [s for s in range(1, t) if s not in published]
+            raise WorkspaceError(
+                f"round {t} needs the globals of rounds 1..{t - 1} (their residuals/merges), but round(s) {missing} are missing",
+                fix="restore the missing rounds/<t>/global directories",
+            )
+        samples_by_modality = _load_test_splits(ws)
+        out_path = Path(out) if out is not None else ws.eval_json(t)
+        source = str(ws.data_dir / "test")
+    check_writable_target(out_path, force=force)  # before the expensive work
+
+    # ---- model settings; the fingerprint check comes before building anything ----
+    if preset is not None:
+        wanted = _adapter_modalities(final) if final is not None else [m for m in ENCODER_MODALITIES if m in samples_by_modality]
+        model_settings, lora_settings = _settings_for(None, preset, wanted)
+    else:
+        model_settings, lora_settings = _settings_for(ws, None, ())
+    _check_encoders(sorted(samples_by_modality), list(model_settings.modalities), source)
+    for modality, rows in samples_by_modality.items():
+        if len(rows) == 0:
+            raise DataError(f"the {modality} test set in {source} is empty (0 samples)", fix="re-run 'uniflow partition' with a test split")
+    status("fingerprinting the base model")
+    fingerprint = base_fingerprint(model_settings)
+    for loaded in [*chain, *([final] if final is not None else [])]:
+        _check_fingerprint(loaded, fingerprint)
+
+    method = final.meta.method if final is not None and final.meta is not None else None
+    if explicit and final is not None and (final.residual or _merges_into_base(final)) and (t or 0) > 1:
+        notices.append(
+            f"{method} adapter of round {t} given explicitly: earlier rounds' residuals/merges are unknown and not applied; "
+            "evaluate inside the workspace (--round) for the exact model"
+        )
+    if method == "fedsa":
+        notices.append(
+            f"round {t} is a fedsa global: it carries A and the shared tensors but no B (each client keeps its own B), "
+            "so it is evaluated with B = 0, i.e. the base behaviour in the LoRA layers"
+        )
+
+    # ---- build the model ----
+    status("building the model")
+    from uniflow_cli.models import load_model, model_from_adapter
+
+    if final is None:
+        model = load_model(model_settings, lora_settings, 0, progress=status)
+    else:
+        model = model_from_adapter(model_settings, final, lora_settings, progress=status)
+    folded_residuals = folded_merges = 0
+    for loaded in [*chain, *([final] if final is not None else [])]:
+        where = str(loaded.path)
+        if loaded.residual:
+            folded_residuals += add_to_base(model, loaded.residual, where=where)
+        if loaded is not final and _merges_into_base(loaded):
+            # FLoRA: clients merged this round's stacked adapter into W_0 before the next round.
+            folded_merges += add_to_base(model, lora_deltas(loaded), where=where)
+    if folded_residuals:
+        notices.append(f"added {folded_residuals} FedEx residual tensor(s) of rounds 1..{t} to the base weights")
+    if folded_merges:
+        notices.append(f"merged {folded_merges} FLoRA layer update(s) of earlier rounds into the base weights")
+
+    metrics, records = evaluate_model(
+        model,
+        samples_by_modality,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        bertscore_model=bertscore_model,
+        bertscore_layers=bertscore_layers,
+        on_batch=on_batch,
+    )
+    keep = ("id", "question", "prediction", "reference")
+    samples = {m: [{k: rec[k] for k in keep} for rec in recs[:SAMPLES_IN_JSON]] for m, recs in records.items()}
+    payload = build_eval_payload(
+        round=t if t is not None else 0,
+        adapter={
+            "path": str(final.path) if final is not None else None,
+            "method": method,
+            "base_fingerprint": fingerprint,
+        },
+        config={
+            "max_new_tokens": max_new_tokens,
+            "limit": limit,
+            "batch_size": batch_size,
+            "bertscore": {"model": bs_name, "num_layers": bs_layers},
+            "data": source,
+        },
+        metrics=metrics,
+        samples=samples,
+    )
+    if explicit and t is None:
+        notices.append("the adapter records no round; the eval JSON says round 0")
+    write_eval_json(out_path, payload, force=force)
+    return EvalResult(payload=payload, path=out_path, round=payload["round"], notices=notices)
+
+
+__all__ = ["EvalResult", "add_to_base", "evaluate_model", "lora_deltas", "run_evaluate"]

@@ -1,0 +1,107 @@
+"""Models: presets, converters, the multimodal UniflowModel (paper Eq. 2–6) and its LoRA adapter.
+
+Public API (import from here; heavy libraries load lazily)::
+
+    settings = ModelSettings(preset="smol")                 # or "tiny-random", or "custom" + dirs
+    model = load_model(settings, LoraSettings(r=8), seed=0)  # PeftModel around a UniflowModel
+    batch = collate(samples, model)                         # samples: dicts, see multimodal.py
+    loss = model(batch).loss                                # Eq. 6, answer tokens only
+    set_trainable_stage(model, "encoder")                   # | "llm" | "both" (Eq. 7)
+    texts = model.generate(collate(samples, model, train=False), max_new_tokens=16)
+    tensors, cfg = adapter_tensors(model), peft_config_dict(model)   # → adapters.write_adapter
+    load_adapter_tensors(model, read_adapter(path).tensors)          # ← adapters.read_adapter
+    base_fingerprint(settings)                               # stamped into every adapter
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from uniflow_cli.models.presets import Progress, base_fingerprint, cache_status, prepare
+from uniflow_cli.models.settings import MODALITIES, POOLS, PRESETS, ModelSettings, PromptSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uniflow_cli.workspace import LoraSettings
+
+__all__ = [
+    "MODALITIES",
+    "POOLS",
+    "PRESETS",
+    "ModelSettings",
+    "PromptSettings",
+    "adapter_tensors",
+    "base_fingerprint",
+    "build_base",
+    "cache_status",
+    "check_compatible",
+    "collate",
+    "load_adapter_tensors",
+    "load_model",
+    "model_from_adapter",
+    "parameter_counts",
+    "peft_config_dict",
+    "prepare",
+    "set_trainable_stage",
+    "unwrap",
+]
+
+
+def _settings(model_cfg: Any) -> ModelSettings:
+    if isinstance(model_cfg, ModelSettings):
+        return model_cfg
+    return ModelSettings.from_dict(model_cfg)
+
+
+def build_base(model_cfg: ModelSettings | dict[str, Any], seed: int = 0, *, progress: Progress | None = None) -> Any:
+    """A :class:`UniflowModel` without LoRA: frozen base + projectors initialised from ``seed``.
+
+    This is also the ``base`` for ``peft.PeftModel.from_pretrained(base, adapter_dir)``.
+    """
+    import torch
+
+    from uniflow_cli.models.multimodal import UniflowModel
+    from uniflow_cli.models.presets import load_parts
+
+    settings = _settings(model_cfg)
+    parts = load_parts(settings, progress=progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UniflowModel(parts.llm, parts.tokenizer, parts.encoders, settings, parts.fingerprint)
+
+
+def load_model(model_cfg: ModelSettings | dict[str, Any], lora_cfg: LoraSettings, seed: int = 0, *, progress: Progress | None = None) -> Any:
+    """The UniflowModel wrapped by PEFT with LoRA in the encoders and the LLM (all trainable: stage ``both``).
+
+    Same settings and seed give bit-identical initial adapter tensors.
+    """
+    from uniflow_cli.models.lora import add_lora
+
+    return add_lora(build_base(model_cfg, seed, progress=progress), lora_cfg, seed)
+
+
+def model_from_adapter(model_cfg: ModelSettings | dict[str, Any], adapter: Any, lora_defaults: LoraSettings | None = None, *, progress: Progress | None = None) -> Any:
+    """Build the model for a loaded adapter (``adapters.read_adapter(...)``) and load its tensors.
+
+    Refuses an adapter whose ``base_fingerprint`` differs from this base's.
+    """
+    from uniflow_cli.models.lora import check_compatible, load_adapter_tensors, lora_settings_from_peft
+
+    model = load_model(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress)
+    fingerprint = adapter.meta.base_fingerprint if adapter.meta is not None else None
+    where = str(adapter.path) if adapter.path is not None else "adapter"
+    check_compatible(model, adapter.peft_config, fingerprint=fingerprint, where=where)
+    load_adapter_tensors(model, adapter.tensors, strict=False, where=where)
+    return model
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy re-exports: importing uniflow_cli.models must not import torch (CLI start-up time).
+    if name in ("adapter_tensors", "peft_config_dict", "set_trainable_stage", "load_adapter_tensors", "parameter_counts", "check_compatible", "unwrap"):
+        from uniflow_cli.models import lora
+
+        return getattr(lora, name)
+    if name in ("collate", "UniflowModel", "Collator", "pool"):
+        from uniflow_cli.models import multimodal
+
+        return getattr(multimodal, name)
+    raise AttributeError(name)

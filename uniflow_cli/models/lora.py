@@ -1,0 +1,220 @@
+"""LoRA in the encoders (Φ_E, stage I) and in the LLM (Φ_LLM, stage II) via one PEFT adapter.
+
+The projectors P_m are ``modules_to_save``: PEFT keeps a trainable copy and saves it with the adapter,
+so an adapter directory is the whole trainable state of a client. Key names are PEFT's
+(``base_model.model.llm.model.layers.0.self_attn.q_proj.lora_A.weight``,
+``base_model.model.encoders.image.encoder.layer.0.attention.q_proj.lora_B.weight``,
+``base_model.model.projectors.image.weight``), as written by ``get_peft_model_state_dict``.
+
+Stages (Eq. 7): ``encoder`` trains encoder LoRA + projectors, ``llm`` trains LLM LoRA only, ``both``
+trains everything trainable (the ``joint`` ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+
+from uniflow_cli.errors import AdapterError, ConfigError, IncompatibleAdaptersError, UsageError
+from uniflow_cli.workspace import LoraSettings
+
+STAGES = ("encoder", "llm", "both")
+
+
+def unwrap(model: Any) -> Any:
+    """The :class:`UniflowModel` inside a PeftModel (or the model itself)."""
+    from uniflow_cli.models.multimodal import UniflowModel
+
+    if isinstance(model, UniflowModel):
+        return model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if isinstance(base, UniflowModel):
+        return base
+    raise UsageError(f"expected a UniflowModel or a PeftModel around one, got {type(model).__name__}", fix="build it with load_model()")
+
+
+def target_regex(model: Any, lora: LoraSettings) -> str:
+    """One regex (PEFT full-matches it against module names) selecting LLM and encoder linear layers."""
+    alt = lambda names: "|".join(re.escape(n) for n in names)  # noqa: E731
+    parts = []
+    if lora.llm_target_modules:
+        parts.append(rf"llm\.(.*\.)?({alt(lora.llm_target_modules)})")
+    modalities = list(unwrap(model).encoders.keys())
+    if lora.encoder_target_modules and modalities:
+        parts.append(rf"encoders\.({alt(modalities)})\.(.*\.)?({alt(lora.encoder_target_modules)})")
+    if not parts:
+        raise ConfigError("both llm_target_modules and encoder_target_modules are empty", fix="list at least one module name")
+    return "(" + "|".join(parts) + ")"
+
+
+def _check_targets(model: Any, lora: LoraSettings, regex: str) -> None:
+    names = [n for n, m in unwrap(model).named_modules() if isinstance(m, torch.nn.Linear)]
+    hit = [n for n in names if re.fullmatch(regex, n)]
+    for part, targets, prefix in (("llm", lora.llm_target_modules, "llm."), ("encoder", lora.encoder_target_modules, "encoders.")):
+        if not targets or not any(n.startswith(prefix) for n in names):
+            continue
+        if not any(n.startswith(prefix) for n in hit):
+            available = sorted({n.rsplit(".", 1)[-1] for n in names if n.startswith(prefix)})
+            raise ConfigError(
+                f"{part}_target_modules {targets} match no linear layer of the {part}",
+                fix=f"choose from {available}",
+            )
+
+
+def lora_config(model: Any, lora: LoraSettings) -> Any:
+    """The PEFT ``LoraConfig`` for this model (targets as one regex, projectors as modules_to_save)."""
+    from peft import LoraConfig
+
+    regex = target_regex(model, lora)
+    _check_targets(model, lora, regex)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        use_rslora=lora.use_rslora,
+        target_modules=regex,
+        modules_to_save=[f"projectors.{m}" for m in unwrap(model).encoders.keys()],
+        bias="none",
+    )
+
+
+def add_lora(model: Any, lora: LoraSettings, seed: int = 0) -> Any:
+    """Wrap a UniflowModel with LoRA (PEFT's init: A ~ Kaiming-uniform from ``seed``, B = 0)."""
+    from peft import get_peft_model
+
+    config = lora_config(model, lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    set_trainable_stage(peft_model, "both")
+    return peft_model
+
+
+def _part(name: str) -> str | None:
+    if ".encoders." in name or name.startswith("encoders."):
+        return "encoder"
+    if ".llm." in name or name.startswith("llm."):
+        return "llm"
+    if ".projectors." in name or name.startswith("projectors."):
+        return "projector"
+    return None
+
+
+def set_trainable_stage(model: Any, stage: str) -> int:
+    """Set ``requires_grad`` for a stage (module docstring); returns the number of trainable parameters."""
+    if stage not in STAGES:
+        raise UsageError(f"unknown stage {stage!r}", fix=f"use one of {', '.join(STAGES)}")
+    total = 0
+    for name, param in model.named_parameters():
+        part = _part(name)
+        is_lora = ".lora_" in name
+        is_projector = part == "projector" and ".modules_to_save." in name
+        train = (
+            (is_lora and part == "encoder" and stage in ("encoder", "both"))
+            or (is_lora and part == "llm" and stage in ("llm", "both"))
+            or (is_projector and stage in ("encoder", "both"))
+        )
+        param.requires_grad_(train)
+        total += param.numel() if train else 0
+    return total
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Parameter counts: base (frozen) parts, LoRA per part, projectors, and trainable per stage."""
+    counts = {"llm": 0, "encoders": 0, "llm_lora": 0, "encoder_lora": 0, "projectors": 0}
+    for name, param in model.named_parameters():
+        part = _part(name)
+        if ".lora_" in name:
+            counts[f"{part}_lora"] += param.numel()
+        elif part == "projector":
+            if ".original_module." not in name:
+                counts["projectors"] += param.numel()
+        elif part == "llm":
+            counts["llm"] += param.numel()
+        elif part == "encoder":
+            counts["encoders"] += param.numel()
+    counts["trainable_stage_encoder"] = counts["encoder_lora"] + counts["projectors"]
+    counts["trainable_stage_llm"] = counts["llm_lora"]
+    counts["trainable_stage_both"] = counts["trainable_stage_encoder"] + counts["trainable_stage_llm"]
+    return counts
+
+
+def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT key names (detached float32 CPU copies, sorted by key)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: state[k].detach().to("cpu", torch.float32).clone().contiguous() for k in sorted(state)}
+
+
+def peft_config_dict(model: Any) -> dict[str, Any]:
+    """The adapter's ``LoraConfig`` as a JSON-ready dict (what ``adapter_config.json`` holds)."""
+    config = model.peft_config["default"].to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else getattr(v, "value", str(v))))
+
+
+def check_compatible(model: Any, peft_config: dict[str, Any], *, fingerprint: str | None = None, where: str = "adapter") -> None:
+    """Refuse an adapter of another base or another LoRA layout (rank, targets, projectors)."""
+    base = unwrap(model)
+    if fingerprint is not None and fingerprint != base.fingerprint:
+        raise IncompatibleAdaptersError(
+            f"{where} was made for base {fingerprint}, this model is {base.fingerprint}",
+            fix="use the [model] settings of the workspace that produced the adapter (same preset, modalities and files)",
+        )
+    ours = peft_config_dict(model)
+    for key in ("target_modules", "modules_to_save", "use_rslora"):
+        theirs = peft_config.get(key)
+        if isinstance(theirs, list):
+            theirs = sorted(theirs)
+        mine = sorted(ours[key]) if isinstance(ours.get(key), list) else ours.get(key)
+        if theirs != mine:
+            raise IncompatibleAdaptersError(f"{where}: {key}={theirs!r} differs from this model's {mine!r}", fix="load it into a model built with the same [lora] settings")
+
+
+def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], *, strict: bool = True, where: str = "adapter") -> None:
+    """Copy adapter tensors (PEFT key names) into the model.
+
+    ``strict`` requires exactly the model's adapter keys; ``strict=False`` accepts a subset (e.g. an
+    FFA global that only carries B). Unknown keys and shape mismatches always raise.
+    """
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_tensors(model)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise IncompatibleAdaptersError(f"{where} has {len(unknown)} tensors this model lacks (first {unknown[0]!r})", fix="load it into a model with the same base and [lora] settings")
+    missing = sorted(set(expected) - set(tensors))
+    if strict and missing:
+        raise IncompatibleAdaptersError(f"{where} lacks {len(missing)} tensors of this model (first {missing[0]!r})", fix="use an adapter written for this model")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise IncompatibleAdaptersError(
+                f"{where}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}",
+                fix="use the same lora r as the adapter (see its adapter_config.json)",
+            )
+    dtype = next(unwrap(model).llm.parameters()).dtype
+    # PEFT expects every modules_to_save tensor; a partial load keeps the model's current values elsewhere.
+    merged = {**expected, **tensors}
+    result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in merged.items()})
+    bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k or "modules_to_save" in k]
+    if bad:
+        raise AdapterError(f"{where}: PEFT did not place {bad[0]!r}", fix="report this bug")
+
+
+def lora_settings_from_peft(peft_config: dict[str, Any], defaults: LoraSettings | None = None) -> LoraSettings:
+    """LoraSettings matching an adapter's config (r, alpha, rsLoRA, dropout); targets from ``defaults``."""
+    base = defaults or LoraSettings()
+    try:
+        return LoraSettings(
+            r=int(peft_config["r"]),
+            lora_alpha=float(peft_config.get("lora_alpha", base.lora_alpha)),
+            lora_dropout=float(peft_config.get("lora_dropout", base.lora_dropout)),
+            use_rslora=bool(peft_config.get("use_rslora", False)),
+            llm_target_modules=list(base.llm_target_modules),
+            encoder_target_modules=list(base.encoder_target_modules),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"adapter config is malformed ({exc})", fix="re-publish the adapter") from None

@@ -1,0 +1,252 @@
+"""The UniFLoW model (paper Eq. 2–6) and the collate function that feeds it.
+
+Per modality m: ``Z = f_m(M)`` (Eq. 2, a frozen encoder + LoRA), ``X^m = P_m(Pool(Z))`` (Eq. 3, trainable
+Linear into the LLM's hidden size), then the LLM reads
+``X = [e_BOS, P_before, ⊕_m X^m, P_gap, Q, P_after]`` (Eq. 4, :class:`~.settings.PromptSettings`) and is
+trained with cross-entropy on the answer tokens only (Eq. 6). Text-only samples skip the encoders.
+
+A sample (as stored by ``uniflow partition``) is a dict with ``id`` (str), ``modality``
+(``"image"|"audio"|"text"``), ``question``, ``answer`` (str), ``image`` (PIL image / path / bytes or
+None) and ``audio`` (``{"bytes","path"}`` of a 16 kHz mono WAV, or None).
+
+A batch (from :func:`collate` / :meth:`UniflowModel.collate`) is a dict:
+
+``input_ids`` (B, L) long
+    token ids; the positions reserved for modality features hold negative slot ids
+    (:data:`SLOT_IDS`: image −1, audio −2) and are replaced by ``X^m`` in :meth:`UniflowModel.embed`.
+``attention_mask`` (B, L) long; ``labels`` (B, L) long, −100 everywhere except the answer tokens and the
+    EOS closing the answer (training batches only; generation batches are left-padded and have none).
+``image`` / ``audio``: ``{"rows": LongTensor of batch rows, **encoder inputs}`` for the rows that have
+    that modality (absent when no row has it).
+``ids``, ``modalities``, ``questions``, ``answers``: the samples' strings, for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from uniflow_cli.errors import DataError, ModelError
+from uniflow_cli.models.settings import ModelSettings, PromptSettings
+
+SLOT_IDS = {"image": -1, "audio": -2}
+IGNORE_INDEX = -100
+_SENTINEL = "\x00UNIFLOW_USER_TURN\x00"
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, has_cls: bool, mode: str, n_tokens: int) -> torch.Tensor:
+    """Eq. 3's Pool: ``(B, T, d)`` encoder states → ``(B, N, d)``.
+
+    ``cls``: token 0 (or the mean when the encoder has no CLS token, e.g. SigLIP); ``mean``: masked mean
+    of the content tokens (CLS excluded, padding excluded via ``lengths``); ``adaptive``: adaptive average
+    pooling of each row's valid content tokens to ``n_tokens`` (keeps coarse spatial/temporal order).
+    """
+    start = 1 if has_cls else 0
+    if mode == "cls" and has_cls:
+        return hidden[:, :1]
+    rows = []
+    for i in range(hidden.shape[0]):
+        length = int(lengths[i]) - start if has_cls else int(lengths[i])
+        seq = hidden[i, start : start + max(1, length)]
+        if mode == "adaptive":
+            rows.append(nn.functional.adaptive_avg_pool1d(seq.transpose(0, 1).unsqueeze(0), n_tokens)[0].transpose(0, 1))
+        else:  # mean, or cls on an encoder without a CLS token
+            rows.append(seq.mean(dim=0, keepdim=True))
+    return torch.stack(rows)
+
+
+class Collator:
+    """Turns samples into a batch (see the module docstring). Built by :meth:`UniflowModel.collate`.
+
+    Prompt pieces are tokenised separately and concatenated, so the modality slots fall exactly
+    between them; the same pieces are used for training and generation.
+    """
+
+    def __init__(self, tokenizer: Any, prompt: PromptSettings, encoders: dict[str, Any], tokens_per_modality: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.encoders = encoders
+        self.slots = tokens_per_modality
+        chat_pre, chat_post = "", ""
+        if prompt.use_chat_template and getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _SENTINEL}], add_generation_prompt=True, tokenize=False
+            )
+            if rendered.count(_SENTINEL) == 1:
+                chat_pre, chat_post = rendered.split(_SENTINEL)
+        self.chat_pre, self.chat_post = chat_pre, chat_post
+        self._memo: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._memo:
+            self._memo[text] = list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        return self._memo[text]
+
+    def prompt_pieces(self, modality: str, question: str) -> list[int]:
+        """Token ids of Eq. 4 for one sample, with ``tokens_per_modality`` slot ids for the features."""
+        p = self.prompt
+        ids: list[int] = []
+        bos = self.tokenizer.bos_token_id
+        first = self._ids(self.chat_pre + p.before)
+        if bos is not None and (not first or first[0] != bos):
+            ids.append(bos)
+        ids += first
+        if modality in SLOT_IDS:
+            ids += self._ids(p.tag("open", modality))
+            ids += [SLOT_IDS[modality]] * self.slots
+            ids += self._ids(p.tag("close", modality))
+            gap = p.gap
+        else:
+            gap = p.gap_text_only
+        ids += list(self.tokenizer(gap + question.strip() + p.after + self.chat_post, add_special_tokens=False).input_ids)
+        return ids
+
+    def __call__(self, samples: Sequence[dict[str, Any]], *, train: bool = True) -> dict[str, Any]:
+        if not samples:
+            raise DataError("cannot collate an empty batch", fix="pass at least one sample")
+        tok = self.tokenizer
+        rows_ids, rows_labels = [], []
+        media: dict[str, tuple[list[int], list[Any]]] = {m: ([], []) for m in SLOT_IDS}
+        for row, s in enumerate(samples):
+            modality = s.get("modality")
+            sid = s.get("id", row)
+            if modality not in ("image", "audio", "text"):
+                raise DataError(f"sample {sid!r} has modality {modality!r}", fix="use image, audio or text")
+            if modality != "text":
+                if modality not in self.encoders:
+                    raise DataError(
+                        f"sample {sid!r} is {modality} but the model has no {modality} encoder (modalities: {sorted(self.encoders) or 'none'})",
+                        fix=f"add {modality!r} to modalities in [model] of uniflow.toml (or --modalities) and re-run uniflow init",
+                    )
+                if s.get(modality) is None:
+                    raise DataError(f"sample {sid!r} has modality {modality} but no {modality} value", fix="re-create the dataset")
+                media[modality][0].append(row)
+                media[modality][1].append(s[modality])
+            prompt = self.prompt_pieces(modality, str(s.get("question", "")))
+            if train:
+                answer = list(tok(str(s.get("answer", "")).strip(), add_special_tokens=False).input_ids) + [tok.eos_token_id]
+                rows_ids.append(prompt + answer)
+                rows_labels.append([IGNORE_INDEX] * len(prompt) + answer)
+            else:
+                rows_ids.append(prompt)
+        length = max(len(r) for r in rows_ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(samples), length), dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        for i, ids in enumerate(rows_ids):
+            # Training pads on the right; generation on the left so every row ends where generation starts.
+            sl = slice(0, len(ids)) if train else slice(length - len(ids), length)
+            input_ids[i, sl] = torch.tensor(ids)
+            attention[i, sl] = 1
+            if train:
+                labels[i, sl] = torch.tensor(rows_labels[i])
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "ids": [str(s.get("id", i)) for i, s in enumerate(samples)],
+            "modalities": [s["modality"] for s in samples],
+            "questions": [str(s.get("question", "")) for s in samples],
+            "answers": [str(s.get("answer", "")) for s in samples],
+        }
+        if train:
+            batch["labels"] = labels
+        for modality, (rows, values) in media.items():
+            if rows:
+                batch[modality] = {"rows": torch.tensor(rows, dtype=torch.long), **self.encoders[modality].preprocess(values)}
+        return batch
+
+
+class UniflowModel(nn.Module):
+    """Encoders f_m + projectors P_m + LLM (Eq. 2–6). Wrap with :func:`uniflow_cli.models.lora.add_lora`.
+
+    Submodules (their names are the PEFT key names' stems): ``llm``, ``encoders.<m>``, ``projectors.<m>``.
+    """
+
+    def __init__(self, llm: nn.Module, tokenizer: Any, encoders: dict[str, Any], settings: ModelSettings, fingerprint: str) -> None:
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self._encoder_wrappers = dict(encoders)  # preprocessing + call conventions (not modules)
+        self.encoders = nn.ModuleDict({m: e.model for m, e in encoders.items()})
+        d_llm = int(llm.get_input_embeddings().weight.shape[1])
+        self.projectors = nn.ModuleDict({m: nn.Linear(e.hidden_size, d_llm) for m, e in encoders.items()})
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        for p in self.encoders.parameters():
+            p.requires_grad_(False)
+        self.collator = Collator(tokenizer, settings.prompt, self._encoder_wrappers, settings.tokens_per_modality)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def collate(self, samples: Sequence[dict[str, Any]], *, train: bool = True) -> dict[str, Any]:
+        """Samples → batch (module docstring). ``train=False`` gives a left-padded prompt-only batch."""
+        return self.collator(samples, train=train)
+
+    def encode(self, modality: str, inputs: dict[str, Any]) -> torch.Tensor:
+        """Eq. 2–3 for the rows of one modality: ``(n, tokens_per_modality, d_llm)``."""
+        wrapper = self._encoder_wrappers[modality]
+        # Call through the (possibly LoRA-wrapped) module in self.encoders, not the original reference.
+        wrapper.model = self.encoders[modality]
+        model_inputs = {k: v for k, v in inputs.items() if k != "rows"}
+        hidden, lengths, has_cls = wrapper.encode(model_inputs)
+        pooled = pool(hidden, lengths, has_cls, self.settings.pool, self.settings.pool_tokens)
+        return self.projectors[modality](pooled)
+
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Eq. 4: token embeddings with the projected modality features written into their slots."""
+        input_ids = batch["input_ids"]
+        embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        for modality, slot in SLOT_IDS.items():
+            mask = input_ids == slot
+            if modality not in batch:
+                if bool(mask.any()):
+                    raise ModelError(f"batch has {modality} slots but no {modality} inputs", fix="build batches with model.collate")
+                continue
+            if modality not in self.encoders:
+                raise DataError(f"batch holds {modality} inputs but the model has no {modality} encoder", fix="add the modality to [model]")
+            feats = self.encode(modality, batch[modality]).to(embeds.dtype)
+            rows = batch[modality]["rows"]
+            expected = torch.zeros(input_ids.shape[0], dtype=torch.long).index_add_(0, rows, torch.full_like(rows, feats.shape[1]))
+            if not torch.equal(mask.sum(dim=1), expected):
+                raise ModelError(f"{modality} slots do not match the encoded features", fix="build batches with model.collate")
+            # Rows are ascending, so row-major order of the mask matches the order of feats.
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        return embeds
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        """Returns the LLM's output: ``.loss`` (Eq. 6, mean over answer tokens) and ``.logits``."""
+        embeds = self.embed(batch)
+        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"), use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers for a ``train=False`` batch (decoded, special tokens removed, stripped)."""
+        if "labels" in batch:
+            raise ModelError("generate() needs a prompt-only batch", fix="use model.collate(samples, train=False)")
+        embeds = self.embed(batch)
+        tok = self.tokenizer
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def collate(samples: Sequence[dict[str, Any]], model: Any, *, train: bool = True) -> dict[str, Any]:
+    """Module-level form of :meth:`UniflowModel.collate` (accepts the PEFT-wrapped model too)."""
+    from uniflow_cli.models.lora import unwrap
+
+    return unwrap(model).collate(samples, train=train)

@@ -1,0 +1,188 @@
+"""Presets: resolve a :class:`ModelSettings` into an LLM, its tokenizer and the modality encoders.
+
+* ``smol`` converts the three embedded files once (see :mod:`uniflow_cli.models.cache`) and loads the
+  converted HF dirs; no hub, no network.
+* ``tiny-random`` builds the same architectures at toy size in memory (tests).
+* ``custom`` loads local HF dirs.
+
+:func:`base_fingerprint` names the frozen base: the preset plus the sha256 of the embedded sources,
+or (custom) a hash of each dir's ``config.json`` and weight file sizes, plus the modalities. It is
+stamped into every adapter so adapters of different bases are never mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.errors import ModelError
+from uniflow_cli.models import cache
+from uniflow_cli.models.settings import ModelSettings
+
+Progress = Callable[[str], None]  # receives a one-line status ("converting dinov2-small ...")
+
+SMOL_PARTS = {"llm": cache.SMOLLM2, "image": cache.DINOV2, "audio": cache.WHISPER}
+
+
+def _converter(source: cache.EmbeddedSource) -> Callable[[Path, Path], dict[str, Any]]:
+    if source is cache.SMOLLM2:
+        from uniflow_cli.models.convert_gguf import convert
+    elif source is cache.DINOV2:
+        from uniflow_cli.models.convert_dinov2 import convert
+    else:
+        from uniflow_cli.models.convert_whisper import convert
+    return convert
+
+
+def cache_status(source: cache.EmbeddedSource) -> dict[str, Any]:
+    """``{name, package, source, sha256, entry, state}`` with state ``ready``, ``missing package`` or the cache problem."""
+    info: dict[str, Any] = {"name": source.name, "package": source.distribution}
+    try:
+        src = cache.locate(source)
+    except Exception as exc:  # MissingDependencyError: report, do not raise, in a listing
+        info.update(state="missing package", fix=getattr(exc, "fix", None))
+        return info
+    sha = cache.file_sha256(src)
+    entry = cache.entry_dir(source, sha)
+    problem = cache.check_entry(entry, sha)
+    info.update(source=str(src), sha256=sha, entry=str(entry), state="ready" if problem is None else problem)
+    return info
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' tqdm bars and info logs (our commands show their own rich progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def ensure_converted(source: cache.EmbeddedSource, *, progress: Progress | None = None, force: bool = False) -> Path:
+    """Return the verified cache entry for ``source``, converting (again) if absent, stale or corrupt."""
+    from uniflow_cli.atomic import publish_dir
+
+    src = cache.locate(source)
+    sha = cache.file_sha256(src)
+    entry = cache.entry_dir(source, sha)
+    problem = cache.check_entry(entry, sha)
+    if problem is None and not force:
+        return entry
+    if progress:
+        progress(f"converting {source.name} ({'cache ' + problem if problem and problem != 'not built' else 'first use'})")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with publish_dir(entry, force=True) as tmp, quiet_transformers():
+        facts = _converter(source)(src, tmp)
+        cache.write_manifest(tmp, source=source, source_sha=sha, extra={"verification": facts})
+    return entry
+
+
+def prepare(settings: ModelSettings | None = None, *, progress: Progress | None = None, force: bool = False) -> dict[str, Path]:
+    """Convert and verify every embedded part the settings need (``smol``); returns ``{part: dir}``."""
+    settings = settings or ModelSettings()
+    if settings.preset != "smol":
+        return {}
+    parts = ["llm", *settings.modalities]
+    return {part: ensure_converted(SMOL_PARTS[part], progress=progress, force=force) for part in parts}
+
+
+def base_fingerprint(settings: ModelSettings) -> str:
+    """A stable id of the frozen base, e.g. ``smol:1a2b3c4d5e6f7a8b`` (see the module docstring)."""
+    payload: dict[str, Any] = {"version": 1, "preset": settings.preset, "modalities": settings.modalities}
+    if settings.preset == "smol":
+        payload["sources"] = {part: cache.file_sha256(cache.locate(SMOL_PARTS[part])) for part in ["llm", *settings.modalities]}
+    elif settings.preset == "tiny-random":
+        from uniflow_cli.models.tiny import tiny_digest
+
+        payload["tiny"] = tiny_digest()
+    else:
+        from uniflow_cli.models.encoders import check_hf_dir
+
+        dirs = {"llm": settings.llm, **{m: getattr(settings, f"{m}_encoder") for m in settings.modalities}}
+        payload["dirs"] = {part: _dir_digest(check_hf_dir(path, part)) for part, path in dirs.items()}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"{settings.preset}:{digest[:16]}"
+
+
+def _dir_digest(path: Path) -> str:
+    # config.json content + names and sizes of the weight files: cheap, and changes when the model does
+    # (hashing multi-GB custom weights on every load would cost more than the training step).
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class BaseParts:
+    """The frozen pieces of a UniflowModel before projectors and LoRA are added."""
+
+    llm: Any
+    tokenizer: Any
+    encoders: dict[str, Any]  # modality → VisionEncoder | WhisperAudioEncoder | WaveformAudioEncoder
+    fingerprint: str
+
+
+def load_parts(settings: ModelSettings, *, progress: Progress | None = None) -> BaseParts:
+    """Load (converting on first use) the LLM, tokenizer and encoders of ``settings``."""
+    from uniflow_cli.models import encoders as enc
+
+    fingerprint = base_fingerprint(settings)
+    if settings.preset == "tiny-random":
+        from uniflow_cli.models import tiny
+
+        built: dict[str, Any] = {}
+        if "image" in settings.modalities:
+            built["image"] = enc.VisionEncoder(tiny.build_dinov2(), settings.image_size)
+        if "audio" in settings.modalities:
+            built["audio"] = enc.WhisperAudioEncoder(
+                enc.cut_whisper_positions(tiny.build_whisper_encoder(), settings.audio_max_seconds), settings.audio_max_seconds
+            )
+        return BaseParts(tiny.build_llm(), tiny.build_tokenizer(), built, fingerprint)
+
+    if settings.preset == "smol":
+        dirs = prepare(settings, progress=progress)
+        llm_dir = dirs["llm"]
+        enc_dirs = {m: dirs[m] for m in settings.modalities}
+    else:
+        llm_dir = enc.check_hf_dir(settings.llm, "llm")
+        enc_dirs = {m: enc.check_hf_dir(getattr(settings, f"{m}_encoder"), f"{m}_encoder") for m in settings.modalities}
+    if progress:
+        progress("loading the base model")
+    with quiet_transformers():
+        llm, tokenizer = _load_llm(llm_dir)
+        encoders: dict[str, Any] = {}
+        if "image" in enc_dirs:
+            encoders["image"] = enc.load_vision_dir(enc_dirs["image"], settings.image_size)
+        if "audio" in enc_dirs:
+            encoders["audio"] = enc.load_audio_dir(enc_dirs["audio"], settings.audio_max_seconds)
+    return BaseParts(llm, tokenizer, encoders, fingerprint)
+
+
+def _load_llm(path: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"llm {path} cannot be loaded as a causal LM ({exc})", fix="point llm to an AutoModelForCausalLM dir with its tokenizer") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"llm {path}: the tokenizer has no EOS token", fix="save a tokenizer that defines eos_token")
+    return llm, tokenizer

@@ -1,0 +1,87 @@
+"""Create a workspace: ``uniflow.toml`` and the round-0 global adapter every client starts from.
+
+The round-0 adapter is PEFT's initialisation of the configured model (LoRA A Kaiming-uniform from the
+seed, B = 0, projectors from the seed) stamped with the base fingerprint; its ``uniflow.json`` records
+``role="global"``, ``round=0``, ``method=None`` and ``extra.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.errors import ConfigError
+from uniflow_cli.models.presets import Progress
+from uniflow_cli.models.settings import ModelSettings
+from uniflow_cli.workspace import CONFIG_NAME, AggregateSettings, LoraSettings, TrainSettings, Workspace
+
+
+@dataclass
+class InitResult:
+    root: Path
+    config_path: Path
+    global_dir: Path
+    fingerprint: str
+    counts: dict[str, int]
+    tensors: int
+
+
+def settings_from_config(config: dict[str, Any]) -> tuple[ModelSettings, LoraSettings]:
+    """``[model]`` and ``[lora]`` of a loaded ``uniflow.toml`` as validated dataclasses."""
+    lora = dict(config.get("lora") or {})
+    known = {f.name for f in dataclasses.fields(LoraSettings)}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ConfigError(f"unknown [lora] keys {unknown} in {CONFIG_NAME}", fix=f"use only {sorted(known)}")
+    return ModelSettings.from_dict(config.get("model")), LoraSettings(**lora)
+
+
+def config_dict(model: ModelSettings, lora: LoraSettings, seed: int) -> dict[str, Any]:
+    return {
+        "model": model.to_dict(),
+        "lora": dataclasses.asdict(lora),
+        "train": dataclasses.asdict(TrainSettings(seed=seed)),
+        "aggregate": dataclasses.asdict(AggregateSettings()),
+    }
+
+
+def init_workspace(
+    root: Path, model: ModelSettings, lora: LoraSettings, *, seed: int = 0, force: bool = False, progress: Progress | None = None
+) -> InitResult:
+    """Write ``root/uniflow.toml`` and ``root/rounds/0/global``; nothing is written if anything fails first."""
+    from uniflow_cli.adapters import AdapterMeta, write_adapter
+    from uniflow_cli.atomic import check_writable_target, write_file_atomic
+    from uniflow_cli.models import adapter_tensors, load_model, parameter_counts, peft_config_dict
+    from uniflow_cli.workspace import dumps_config
+
+    ws = Workspace(Path(root).resolve())
+    # Refuse before the (slow) model build, so a mistaken re-init costs nothing and changes nothing.
+    check_writable_target(ws.config_path, force=force)
+    check_writable_target(ws.global_dir(0), force=force)
+    text = dumps_config(config_dict(model, lora, seed))
+
+    peft_model = load_model(model, lora, seed, progress=progress)
+    tensors = adapter_tensors(peft_model)
+    base = peft_model.get_base_model()
+    meta = AdapterMeta(
+        role="global",
+        base_fingerprint=base.fingerprint,
+        round=0,
+        modalities=list(model.modalities),
+        method=None,
+        extra={"seed": seed},
+    )
+    ws.root.mkdir(parents=True, exist_ok=True)
+    existed = ws.global_dir(0).exists()
+    write_adapter(ws.global_dir(0), peft_config=peft_config_dict(peft_model), tensors=tensors, meta=meta, force=force)
+    try:
+        write_file_atomic(ws.config_path, text.encode("utf-8"), force=force)
+    except BaseException:
+        if not existed:  # do not leave a round-0 adapter without its config
+            import shutil
+
+            shutil.rmtree(ws.global_dir(0), ignore_errors=True)
+        raise
+    return InitResult(ws.root, ws.config_path, ws.global_dir(0), base.fingerprint, parameter_counts(peft_model), len(tensors))
