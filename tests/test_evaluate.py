@@ -6,7 +6,6 @@ on the test samples themselves are shared; tests that change a workspace work on
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -62,21 +61,42 @@ def base_ws(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="module")
 def trained(base_ws):
-    """(peft_config, tensors) of an adapter trained on the test samples: 40 AdamW steps, deterministic."""
+    """(peft_config, tensors) of an adapter trained on the test samples: 60 AdamW steps, deterministic.
+
+    The tiny-random LLM has tied, small embeddings, so its logits stay close to uniform and the loss
+    barely moves; the argmax (what token accuracy counts) does move: ~16/29 answer tokens after training.
+    """
+    from uniflow_cli.metrics import token_accuracy
+
     torch.manual_seed(0)
     model = load_model(SETTINGS, LORA, 0)
     model.train()
-    samples = [dict(r) for r in _text_rows()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-2)
-    batch = collate(samples, model, train=True)
-    for _ in range(40):
-        opt.zero_grad()
-        loss = model(batch).loss
-        loss.backward()
-        opt.step()
-    assert loss.item() < 2.0, f"training did not fit the samples (loss {loss.item():.2f})"
+    batch = collate([dict(r) for r in _text_rows()], model, train=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model gains nothing from threads, and loses a lot on a busy machine
+    try:
+        for _ in range(60):
+            opt.zero_grad()
+            model(batch).loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        correct, total = token_accuracy(model(batch).logits, batch["labels"])
+    assert correct >= total // 3, f"training did not fit the samples ({correct}/{total} answer tokens)"
     return peft_config_dict(model), adapter_tensors(model)
+
+
+@pytest.fixture(scope="module")
+def trained_acc(base_ws, trained, tmp_path_factory):
+    """Acc of the trained adapter evaluated directly (explicit mode)."""
+    tmp = tmp_path_factory.mktemp("direct")
+    write_adapter(tmp / "adapter", peft_config=trained[0], tensors=trained[1],
+                  meta=AdapterMeta(role="global", base_fingerprint=unwrap_fingerprint(), round=1, method="fedit"))
+    result = run_evaluate(adapter=tmp / "adapter", data=[base_ws.test_data("text")], preset="tiny-random",
+                          out=tmp / "direct.json", max_new_tokens=8)
+    return result.payload["metrics"]["text"]["acc"]
 
 
 def _copy(ws: Workspace, tmp_path: Path) -> Workspace:
@@ -115,7 +135,7 @@ def test_same_inputs_give_same_bytes_and_batch_size_does_not_change_metrics(base
     assert b.payload["samples"] == c.payload["samples"]
 
 
-def test_trained_adapter_beats_base_on_its_training_samples(base_ws, trained, tmp_path):
+def test_trained_adapter_beats_base_on_its_training_samples(base_ws, trained, trained_acc, tmp_path):
     ws = _copy(base_ws, tmp_path)
     _publish(ws, 1, *trained)
     base = run_evaluate(workspace=ws.root, round=0, max_new_tokens=8)
@@ -124,6 +144,7 @@ def test_trained_adapter_beats_base_on_its_training_samples(base_ws, trained, tm
     acc_base, acc_tuned = base.payload["metrics"]["text"]["acc"], tuned.payload["metrics"]["text"]["acc"]
     assert acc_tuned > acc_base + 30, (acc_base, acc_tuned)
     assert tuned.payload["adapter"]["method"] == "fedit"
+    assert acc_tuned == trained_acc  # workspace mode and explicit mode load the same model
 
 
 def test_explicit_adapter_and_data_with_preset(base_ws, trained, tmp_path):
@@ -139,36 +160,34 @@ def test_explicit_adapter_and_data_with_preset(base_ws, trained, tmp_path):
     assert payload["adapter"]["path"] == str(adapter.resolve())
 
 
-def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, tmp_path):
-    """Round 1 and 2 carry B = 0 and half of the trained ΔW each as residuals: that is the trained model."""
+def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, trained_acc, tmp_path):
+    """Rounds 1 and 2 carry B = 0 and half of the trained ΔW each as residuals: together, the trained model."""
     ws = _copy(base_ws, tmp_path)
     _publish(ws, 1, *trained)
-    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
     halves = {k: v / 2 for k, v in lora_deltas(read_adapter(ws.global_dir(1))).items()}
     assert halves and all(k.startswith(("llm.", "encoders.")) and k.endswith(".weight") for k in halves)
     shutil.rmtree(ws.global_dir(1))
+    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
     _publish(ws, 1, trained[0], zero_b, method="fedex", residual=halves)
     _publish(ws, 2, trained[0], zero_b, method="fedex", residual=halves)
-    reference = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "base.json", max_new_tokens=8)
     result = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
-    one_round = run_evaluate(workspace=ws.root, round=1, out=tmp_path / "r1.json", max_new_tokens=8)
-    assert any("FedEx residual" in n for n in result.notices)
-    acc = result.payload["metrics"]["text"]["acc"]
-    assert acc > reference.payload["metrics"]["text"]["acc"] + 30
-    assert acc > one_round.payload["metrics"]["text"]["acc"]  # round 2 = both halves, round 1 = one half
+    assert any("FedEx residual" in n and "rounds 1..2" in n for n in result.notices)
+    # W0 + ΔW/2 + ΔW/2 vs W0 x + s·B·A x: equal up to float rounding (one near-tied token may flip).
+    assert result.payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc, abs=100 / 29 + 1e-6)
+    assert trained_acc > 30
 
 
-def test_flora_earlier_rounds_are_merged_and_fedsa_has_a_notice(base_ws, trained, tmp_path):
+def test_flora_earlier_rounds_are_merged_and_fedsa_has_a_notice(base_ws, trained, trained_acc, tmp_path):
     ws = _copy(base_ws, tmp_path)
-    _publish(ws, 1, *trained, method="flora", extra={"aggregation": {"merge_into_base": True}})
+    merge = {"aggregation": {"merge_into_base": True}}
     zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
     only_a = {k: v for k, v in trained[1].items() if ".lora_B." not in k}
-    _publish(ws, 2, trained[0], zero_b, method="flora", extra={"aggregation": {"merge_into_base": True}})
+    _publish(ws, 1, *trained, method="flora", extra=merge)  # merged into W0 before round 2
+    _publish(ws, 2, trained[0], zero_b, method="flora", extra=merge)
     _publish(ws, 3, trained[0], only_a, method="fedsa")
-    direct = run_evaluate(workspace=ws.root, round=1, max_new_tokens=8)
     merged = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
     assert any("FLoRA" in n for n in merged.notices)
-    assert merged.payload["metrics"]["text"]["acc"] == pytest.approx(direct.payload["metrics"]["text"]["acc"], abs=1e-6)
+    assert merged.payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc, abs=100 / 29 + 1e-6)
     fedsa = run_evaluate(workspace=ws.root, round=3, max_new_tokens=8)
     assert any("fedsa" in n and "B = 0" in n for n in fedsa.notices)
 
@@ -284,4 +303,3 @@ def test_no_workspace_and_no_preset(tmp_path, monkeypatch):
         run_evaluate()
     with pytest.raises(UsageError, match="no workspace found and no --preset"):
         run_evaluate(base=True, data=[tmp_path], out=tmp_path / "o.json")
-    assert json.dumps  # keep the import used for readers of this file's helpers

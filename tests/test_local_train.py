@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from uniflow_cli.adapters import TENSORS_FILE, read_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.training import LocalTrainConfig, run_local_train, stage_plan
+from tests.workspace_factory import make_workspace
 
 runner = CliRunner()
 
@@ -53,35 +53,9 @@ def test_config_is_validated(kwargs, message):
 
 
 # ---------------------------------------------------------------------------------------------- a tiny workspace
-def _png(seed: int) -> bytes:
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _shard(path: Path, modality: str, n: int = 4) -> None:
-    from uniflow_cli.data.schema import make_row, rows_to_dataset
-
-    rows = [
-        make_row(id=f"{modality}-{i}", modality=modality, question=f"What is {i} plus {i}?", answer=str(2 * i),
-                 image_bytes=_png(i) if modality == "image" else None)
-        for i in range(n)
-    ]
-    rows_to_dataset(rows).save_to_disk(str(path))
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("tpl") / "fed"
-    result = run("init", ws, "--preset", "tiny-random", "--modalities", "image")
-    assert result.exit_code == 0, result.output
-    _shard(ws / "data" / "clients" / "0", "image")
-    _shard(ws / "data" / "clients" / "1", "text")
-    return ws
+    return make_workspace(tmp_path_factory.mktemp("tpl") / "fed", {"0": "image", "1": "text"})
 
 
 @pytest.fixture

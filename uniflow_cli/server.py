@@ -34,26 +34,6 @@ class AggregateOutcome:
     notices: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class RoundIO:
-    inputs: list[Path]
-    out: Path
-    start: Path | None
-    rejected: list[tuple[Path, str]]
-
-
-def round_io(ws: Workspace, t: int) -> RoundIO:
-    """Inputs, output and starting global of round ``t`` in a workspace (see workspace.py for numbering)."""
-    if t < 1:
-        raise UsageError(f"--round {t}: round 0 is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
-    clients_dir = ws.clients_dir(t)
-    if not clients_dir.is_dir():
-        raise WorkspaceError(f"no client drops for round {t}: {clients_dir} does not exist", fix="run local-train for this round first")
-    valid, rejected = scan_adapter_dirs(clients_dir)
-    start = ws.global_dir(t - 1)
-    return RoundIO(valid, ws.global_dir(t), start if start.is_dir() else None, rejected)
-
-
 def _json_number(value: Any) -> Any:
     """JSON has no inf/NaN: a singular Gram's condition number is reported as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -250,7 +230,86 @@ def settings_for(
     )
 
 
-def workspace_round_io(workspace: Path | None, t: int) -> RoundIO:
+@dataclass
+class RoundOutcome:
+    round: int
+    outcome: AggregateOutcome | None  # None: the round was already published (a no-op)
+    late: list[str]
+    log: list[str]
+
+
+def run_round(
+    workspace: Path | None,
+    t: int,
+    options: AggregationOptions,
+    *,
+    weighting: str = "examples",
+    weights: list[float] | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    report_path: Path | None = None,
+    wait: bool = False,
+    timeout: float = 600.0,
+    min_clients: int = 1,
+    poll: float = 2.0,
+    stale_after: float = 3600.0,
+    log: Callable[[str], None] = lambda _m: None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> RoundOutcome:
+    """The server's round in a workspace: wait for drops (quorum), lock, fuse, publish ``rounds/t/global``.
+
+    A second server on the same round waits for the first (with ``wait``) or fails with a clear line;
+    a rerun of a published round is a no-op that reports late drops.
+    """
+    import time
+
+    from uniflow_cli.federation import LockedError, QuorumError, RoundLock, expected_clients, late_drops, round_published, scan_round, wait_for_drops
+
+    if t < 1:
+        raise UsageError(f"--round {t}: round 0 is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
     ws = find_workspace(workspace)
-    assert ws is not None  # required=True raises instead
-    return round_io(ws, t)
+    assert ws is not None
+    messages: list[str] = []
+
+    def say(message: str) -> None:
+        messages.append(message)
+        log(message)
+
+    if round_published(ws, t) and not force:
+        return RoundOutcome(t, None, late_drops(ws, t), messages)
+    if not ws.clients_dir(t).is_dir() and not wait:
+        raise WorkspaceError(f"no client drops for round {t}: {ws.clients_dir(t)} does not exist", fix="run local-train for this round first, or pass --wait")
+    expected = expected_clients(ws)
+    if wait:  # waiting for drops holds no lock: two servers may wait side by side
+        scan = wait_for_drops(ws, t, expected=expected, min_clients=min_clients, timeout=timeout, poll=poll, log=say)
+    lock = RoundLock(ws.round_dir(t) / ".aggregate.lock", stale_after=stale_after)
+    while not lock.try_acquire():
+        if not wait:
+            raise LockedError(
+                f"another server is aggregating round {t} (lock {lock.path})",
+                fix="wait for it (or pass --wait); remove the lock file only if that server is dead",
+            )
+        if round_published(ws, t) and not force:
+            return RoundOutcome(t, None, late_drops(ws, t), messages)
+        time.sleep(poll)  # the holder is alive (a dead one's lock is stale and taken over)
+    for note in lock.notices:
+        say(note)
+    try:
+        if round_published(ws, t) and not force:  # the other server finished while we waited for the lock
+            return RoundOutcome(t, None, late_drops(ws, t), messages)
+        scan = scan_round(ws, t, expected)  # under the lock: the final list of complete drops
+        if not wait:
+            for path, reason in scan.rejected:
+                say(f"ignoring drop {path}: {reason}")
+        if len(scan.valid) < min_clients:
+            raise QuorumError(f"round {t}: {len(scan.valid)} valid drop(s), quorum is {min_clients}", fix="wait for more clients (--wait) or lower --min-clients")
+        for name in scan.unexpected:
+            say(f"drop {name} is not a client of data/partition.json; included anyway")
+        start = ws.global_dir(t - 1)
+        outcome = run_aggregate(
+            scan.valid, ws.global_dir(t), options, weighting=weighting, weights=weights, dtype=dtype, force=force,
+            report_path=report_path, start=start if start.is_dir() else None, round_=t, on_layer=on_layer,
+        )
+        return RoundOutcome(t, outcome, [], messages)
+    finally:
+        lock.release()

@@ -326,17 +326,17 @@ def run_local_train(
     preset: str | None = None,
     state_dir: Path | None = None,
     force: bool = False,
+    wait: bool = False,
+    timeout: float = 600.0,
+    poll: float = 2.0,
     on_step: Callable[[int, int, float, str], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> LocalTrainOutcome:
     """Resolve inputs, train, publish the drop (and FedSA's private B). Nothing is published on error."""
-    import torch
-
     from uniflow_cli.adapters import AdapterMeta, open_adapter, read_adapter, write_adapter
     from uniflow_cli.aggregation import METHODS
     from uniflow_cli.atomic import check_writable_target
     from uniflow_cli.data.build import load_split
-    from uniflow_cli.models import adapter_tensors, load_model, model_from_adapter, peft_config_dict
-    from uniflow_cli.models.lora import load_adapter_tensors, unwrap
     from uniflow_cli.workspace import find_workspace
 
     explicit = global_dir is not None or data_dir is not None or out is not None
@@ -351,11 +351,31 @@ def run_local_train(
     else:
         if client is None:
             raise UsageError("which client? --client is missing", fix="pass --client K (its shard is data/clients/K)")
-        t = ws.latest_global_round() if round_ is None else round_ - 1
+        if round_ is not None:
+            t = round_ - 1
+        elif wait:
+            # The round after this client's last drop: its global may not be published yet.
+            dropped = [r for r in ws.rounds() if ws.client_drop(r, client).is_dir()]
+            t = max(ws.latest_global_round(), dropped[-1] if dropped else 0)
+        else:
+            t = ws.latest_global_round()
         target_round = t + 1
         global_dir = ws.global_dir(t)
+        if wait and not global_dir.is_dir():
+            if on_wait is not None:
+                on_wait(f"waiting for the round-{t} global ({global_dir})")
+            deadline = time.monotonic() + timeout
+            while not global_dir.is_dir():
+                if time.monotonic() >= deadline:
+                    raise TrainingError(f"round {t}'s global was not published within {timeout:g} s ({global_dir})", fix="check the server, or raise --timeout")
+                time.sleep(poll)
         if not global_dir.is_dir():
-            raise UsageError(f"round {t} has no published global ({global_dir})", fix="wait for the server, or pick an earlier --round")
+            raise UsageError(f"round {t} has no published global ({global_dir})", fix="wait for the server (--wait), or pick an earlier --round")
+        if ws.global_dir(target_round).is_dir():
+            raise UsageError(
+                f"round {target_round} is already closed: its global is published ({ws.global_dir(target_round)})",
+                fix="train for the next round (omit --round)",
+            )
         data_dir = ws.client_data(client)
         out = ws.client_drop(target_round, client)
         state_dir = state_dir or ws.client_state(client)
@@ -373,41 +393,106 @@ def run_local_train(
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}", fix=f"use one of {', '.join(METHODS)}")
     client_id = str(client) if client is not None else (start.meta.client_id if start.meta else None)
-    seed = mixed_seed(cfg.seed, target_round, client_id or "0")
+    # fedex folds every published residual, flora every published global (after round 0) into the base.
+    needs_history = method == "fedex" or (method == "flora" and start.meta is not None and bool(start.meta.round))
+    private_B = None
+    if method == "fedsa" and state_dir is not None and (Path(state_dir) / "adapter_model.safetensors").exists():
+        private_B = read_adapter(state_dir).tensors
+    result = train_client_round(
+        cfg, start, dataset, settings, lora, method=method, client_id=client_id, round_=target_round,
+        history=_history(ws, global_dir, t) if needs_history else (), private_B=private_B, private_where=str(state_dir),
+        total_rounds=total_rounds, started_from=str(global_dir), on_step=on_step,
+    )
+    written = write_adapter(out, peft_config=result.peft_config, tensors=result.shared, meta=result.meta, force=force)
+    if result.private is not None and state_dir is not None:
+        # The client's own B never leaves the client: kept for its next round, replaced atomically.
+        private_meta = AdapterMeta(role="client", client_id=client_id, round=target_round, method=method, base_fingerprint=result.meta.base_fingerprint)
+        write_adapter(Path(state_dir), peft_config=result.peft_config, tensors=result.private, meta=private_meta, force=True)
+    open_adapter(written)  # read back: what we published is what the server will verify
+    return LocalTrainOutcome(written, target_round, method, result.stats, result.upload_bytes,
+                             Path(state_dir) if state_dir and method == "fedsa" else None, result.folded_rounds)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# One client's round in memory (shared by `uniflow local-train` and the Flower ClientApp)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ClientRound:
+    """What one client's round produced, before anything is written or sent."""
+
+    shared: dict[str, Any]  # what the method uploads, in cfg.dtype
+    private: dict[str, Any] | None  # FedSA's B: never leaves the client
+    peft_config: dict[str, Any]
+    meta: Any  # AdapterMeta(role="client", ...)
+    stats: TrainStats
+    upload_bytes: int
+    folded_rounds: list[int]
+
+
+def train_client_round(
+    cfg: LocalTrainConfig,
+    start: Any,
+    dataset: Any,
+    settings: Any,
+    lora: Any,
+    *,
+    method: str,
+    client_id: str | None,
+    round_: int,
+    history: Any = (),
+    private_B: Mapping[str, Any] | None = None,
+    private_where: str = "client state",
+    total_rounds: int | None = None,
+    started_from: str | None = None,
+    on_step: Callable[[int, int, float, str], None] | None = None,
+) -> ClientRound:
+    """Build the starting model from the global ``start`` (a LoadedAdapter), train, return the upload.
+
+    ``history`` is ``[(round, LoadedAdapter), ...]`` of the globals published in rounds 1..t (fedex folds
+    their residuals, flora their merged LoRA into the base); ``private_B`` is FedSA's own B from the last
+    round. Both callers (the file-drop path and the Flower ClientApp) go through here, so the same inputs
+    give the same bytes on both paths.
+    """
+    import torch
+
+    from uniflow_cli.adapters import AdapterMeta
+    from uniflow_cli.models import adapter_tensors, load_model, model_from_adapter, peft_config_dict
+    from uniflow_cli.models.lora import load_adapter_tensors, unwrap
+
+    seed = mixed_seed(cfg.seed, round_, client_id or "0")
+    folded: list[int] = []
     if method == "flora" and start.meta is not None and start.meta.round:
         # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
         # whose init is the same on every client (seeded by the round only).
-        model = load_model(settings, lora, seed=target_round)
+        model = load_model(settings, lora, seed=round_)
         fp = start.meta.base_fingerprint
         if fp is not None and fp != unwrap(model).fingerprint:
-            raise IncompatibleAdaptersError(f"{global_dir} was made for base {fp}, this model is {unwrap(model).fingerprint}", fix="use this workspace's [model]")
-        for r, adapter in _history(ws, global_dir, t):
+            raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}", fix="use this workspace's [model]")
+        for r, adapter in history:
             fold_into_base(model, lora_delta(adapter.peft_config, adapter.tensors))
             folded.append(r)
     else:
         model = model_from_adapter(settings, start, lora)
         if method == "fedex":
-            for r, adapter in _history(ws, global_dir, t):
+            for r, adapter in history:
                 if adapter.residual:
                     fold_into_base(model, adapter.residual)
                     folded.append(r)
-        if method == "fedsa" and state_dir is not None and (Path(state_dir) / "adapter_model.safetensors").exists():
-            private = read_adapter(state_dir)
-            load_adapter_tensors(model, {k: v for k, v in private.tensors.items() if k.endswith(".lora_B.weight")}, strict=False, where=str(state_dir))
+        if method == "fedsa" and private_B:
+            load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(".lora_B.weight")}, strict=False, where=private_where)
 
-    stats = train_loop(model, dataset, cfg, method=method, seed=seed, round_=target_round, total_rounds=total_rounds, on_step=on_step)
+    stats = train_loop(model, dataset, cfg, method=method, seed=seed, round_=round_, total_rounds=total_rounds, on_step=on_step)
     tensors = adapter_tensors(model)
     dtype = getattr(torch, cfg.dtype)
     shared = {k: v.to(dtype) for k, v in upload_tensors(method, tensors).items()}
     upload_bytes = sum(v.numel() * v.element_size() for v in shared.values())
-    modalities = sorted(set(dataset["modality"]))
     meta = AdapterMeta(
         role="client",
         client_id=client_id,
-        round=target_round,
+        round=round_,
         num_examples=stats.num_examples,
-        modalities=modalities,
+        modalities=sorted(set(dataset["modality"])),
         stage=cfg.stages if cfg.stages != "two-stage" else f"two-stage(tau={cfg.tau:g},by={cfg.stage_by})",
         method=method,
         base_fingerprint=unwrap(model).fingerprint,
@@ -420,20 +505,14 @@ def run_local_train(
                 "seconds": round(stats.seconds, 3),
                 "tokens": stats.tokens,
                 "upload_bytes": upload_bytes,
-                "started_from": str(global_dir),
+                "started_from": started_from,
                 "folded_rounds": folded,
                 "config": asdict(cfg),
             }
         },
     )
-    written = write_adapter(out, peft_config=peft_config_dict(model), tensors=shared, meta=meta, force=force)
-    if method == "fedsa" and state_dir is not None:
-        # The client's own B never leaves the client: kept for its next round, replaced atomically.
-        private_meta = AdapterMeta(role="client", client_id=client_id, round=target_round, method=method, base_fingerprint=meta.base_fingerprint)
-        write_adapter(Path(state_dir), peft_config=peft_config_dict(model),
-                      tensors={k: v for k, v in tensors.items() if k.endswith(".lora_B.weight")}, meta=private_meta, force=True)
-    open_adapter(written)  # read back: what we published is what the server will verify
-    return LocalTrainOutcome(written, target_round, method, stats, upload_bytes, Path(state_dir) if state_dir and method == "fedsa" else None, folded)
+    private = {k: v for k, v in tensors.items() if k.endswith(".lora_B.weight")} if method == "fedsa" else None
+    return ClientRound(shared, private, peft_config_dict(model), meta, stats, upload_bytes, folded)
 
 
 def read_adapter_round(global_dir: Path) -> int:

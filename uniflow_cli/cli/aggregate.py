@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,36 +44,73 @@ def aggregate(
     dtype: DtypeOpt = "float32",
     round_: RoundOpt = None,
     workspace: WorkspaceOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="With --round: poll for drops until every expected client arrived, or until --timeout with at least --min-clients.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for drops (and for another server's lock).")] = 600.0,
+    min_clients: Annotated[int, typer.Option("--min-clients", help="Quorum: the fewest valid drops to aggregate.")] = 1,
+    poll: Annotated[float, typer.Option("--poll", help="Seconds between scans of the drop directory.")] = 2.0,
     force: ForceOpt = False,
 ) -> None:
     """Fuse client LoRA adapters into one global adapter (the server side of a round)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from uniflow_cli.aggregation import AggregationOptions
     from uniflow_cli.cli.console import err, notice
+    from uniflow_cli.cli.console import out as stdout
     from uniflow_cli.cli.render import print_aggregate_outcome
     from uniflow_cli.errors import UsageError
-    from uniflow_cli.server import parse_weights, run_aggregate, settings_for, workspace_round_io
+    from uniflow_cli.server import parse_weights, run_aggregate, run_round, settings_for
 
     settings = settings_for(workspace if (round_ is not None or workspace is not None) else None, method, lambda_, ridge, weighting)
     inputs = list(adapters or [])
+    options_kw = dict(method=settings.method, lambda_=settings.lambda_, ridge=settings.ridge, rcond=rcond)
     if round_ is not None:
         if inputs or out is not None:
             raise UsageError("--round reads rounds/T/clients and writes rounds/T/global", fix="drop the explicit adapters/--out, or drop --round")
-        io = workspace_round_io(workspace, round_)
-        for path, reason in io.rejected:
-            notice(f"ignoring drop {path}: {reason}")
-        inputs, out, start = io.inputs, io.out, start or io.start
-    elif out is None:
+        if start is not None:
+            raise UsageError("--round uses the previous round's global as --start", fix="drop --start")
+        options = AggregationOptions(**options_kw)
+        with _progress(err) as (progress, task):
+            progress.update(task, description=f"round {round_} ({options.method})")
+            done = run_round(
+                workspace, round_, options, weighting=settings.weighting, weights=parse_weights(weights), dtype=dtype, force=force,
+                report_path=report, wait=wait, timeout=timeout, min_clients=min_clients, poll=poll, log=notice,
+                on_layer=lambda n, total: progress.update(task, completed=n, total=total),
+            )
+        if done.outcome is None:
+            stdout.print(f"round {round_} is already published ({workspace_global(workspace, round_)}); nothing to do")
+            if done.late:
+                notice(f"late drops not in that global: {', '.join(done.late)}")
+            return
+        for message in done.outcome.notices:
+            notice(message)
+        print_aggregate_outcome(done.outcome)
+        return
+    if out is None:
         raise UsageError("no output directory", fix="pass --out DIR (or --round T inside a workspace)")
-    options = AggregationOptions(method=settings.method, lambda_=settings.lambda_, ridge=settings.ridge, rcond=rcond)
-    with Progress(TextColumn("[bold]aggregate[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
-        task = progress.add_task(options.method, total=None)
+    if wait:
+        raise UsageError("--wait needs --round (it polls a workspace round's drop directory)", fix="add --round T")
+    options = AggregationOptions(**options_kw)
+    with _progress(err) as (progress, task):
+        progress.update(task, description=options.method)
         outcome = run_aggregate(
             inputs, out, options, weighting=settings.weighting, weights=parse_weights(weights), dtype=dtype,
-            force=force, report_path=report, start=start, round_=round_,
+            force=force, report_path=report, start=start,
             on_layer=lambda done, total: progress.update(task, completed=done, total=total),
         )
     for message in outcome.notices:
         notice(message)
     print_aggregate_outcome(outcome)
+
+
+def workspace_global(workspace: Optional[Path], t: int) -> Path:
+    from uniflow_cli.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    return ws.global_dir(t)  # type: ignore[union-attr]
+
+
+@contextmanager
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]aggregate[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        yield progress, progress.add_task("", total=None)

@@ -118,6 +118,10 @@ def _register() -> None:
 
     app.command("local-train", epilog=local_train.EPILOG)(local_train.local_train)
 
+    from uniflow_cli.cli import status
+
+    app.command("status", epilog=status.EPILOG)(status.status)
+
     from uniflow_cli.cli import evaluate
 
     app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)

@@ -45,6 +45,8 @@ def local_train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Explicit mode: where to publish the client adapter.", show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Explicit mode without a workspace: the model preset.", show_default=False)] = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Client-private state dir (FedSA's B). Default in a workspace: state/clients/<id>.", show_default=False)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the global of the round after this client's last drop (shared storage).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 600.0,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -80,6 +82,7 @@ def local_train(
         outcome = run_local_train(
             cfg, client=client, workspace=workspace, global_dir=global_dir, data_dir=data, out=out, method=method,
             round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state, force=force,
+            wait=wait, timeout=timeout, on_wait=lambda message: progress.update(task, description=message),
             on_step=lambda done, total, loss, stage: progress.update(task, completed=done, total=total, loss=f"{loss:.4f} ({stage})"),
         )
     s = outcome.stats

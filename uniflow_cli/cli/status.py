@@ -1,0 +1,56 @@
+"""``uniflow status``: the state of a file-drop federation."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from uniflow_cli.cli.options import WorkspaceOpt
+
+EPILOG = """[bold]Examples[/bold]
+
+  uniflow status                 (inside a workspace)
+
+  uniflow status -w /mnt/shared/fed --json"""
+
+
+def status(
+    workspace: WorkspaceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Show rounds, which clients dropped (and which drops are invalid), what was published, and metrics."""
+    from rich.table import Table
+
+    from uniflow_cli.cli.console import out
+    from uniflow_cli.federation import workspace_status
+    from uniflow_cli.workspace import find_workspace
+
+    info = workspace_status(find_workspace(workspace))  # type: ignore[arg-type]
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    table = Table(title=f"workspace {info['workspace']}  (expected clients: {', '.join(info['expected_clients']) or 'unknown'})", title_justify="left")
+    for col in ("round", "global", "method", "dropped", "invalid", "missing", "metrics"):
+        table.add_column(col, overflow="fold")
+    for r in info["rounds"]:
+        metrics = r.get("metrics") or {}
+        shown = []
+        for modality, values in metrics.items():
+            if modality == "overall" or not isinstance(values, dict):
+                continue
+            acc, f1 = values.get("acc"), values.get("bert_f1")
+            shown.append(f"{modality}: Acc {acc if acc is not None else '-'} F1 {f1 if f1 is not None else '-'}")
+        glob = "published" if r["published"] else ("[yellow]aggregating[/yellow]" if r.get("locked") else "-")
+        table.add_row(
+            str(r["round"]), glob, str(r.get("method") or "-"),
+            ", ".join(r.get("dropped", [])) or "-",
+            ", ".join(f"{i['client']}" for i in r.get("invalid", [])) or "-",
+            ", ".join(r.get("missing", [])) or "-",
+            "; ".join(shown) or "-",
+        )
+    out.print(table)
+    for r in info["rounds"]:
+        for bad in r.get("invalid", []):
+            out.print(f"[yellow]round {r['round']}: drop {bad['client']} is invalid:[/yellow] {bad['reason']}", soft_wrap=True)

@@ -1,0 +1,96 @@
+"""One client's round on a Flower node: decode the global, run the shared local-train core, encode the reply.
+
+The node's data is the shard ``data/clients/<client id>`` of its workspace; the client id is the node's
+``partition-id`` (simulation sets it; a SuperNode gets it with ``--node-config "partition-id=0"``), or an
+explicit ``client-id``. FedSA's private B is kept in the node's ``state/clients/<id>`` and never sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from uniflow_cli.errors import ConfigError, UsageError
+from uniflow_cli.flower.records import HISTORY_KEY, REPLY_KEY, decode_global, tensors_to_record
+from uniflow_cli.flower.settings import FlowerRunSettings
+
+
+def client_id_of(node_config: Mapping[str, Any]) -> str:
+    for key in ("client-id", "partition-id"):
+        if key in node_config and str(node_config[key]) != "":
+            return str(node_config[key])
+    raise ConfigError("this node has no partition-id", fix="start the SuperNode with --node-config \"partition-id=0 num-partitions=3\"")
+
+
+def train_config_for(settings: FlowerRunSettings, workspace: Any) -> Any:
+    """The LocalTrainConfig that ``uniflow local-train`` would build from the same values."""
+    from uniflow_cli.training import LocalTrainConfig, train_defaults
+
+    defaults = train_defaults(workspace.root)
+    return LocalTrainConfig(
+        tau=settings.tau if settings.tau is not None else defaults.tau,
+        steps=settings.steps if settings.steps is not None else defaults.steps,
+        batch_size=settings.batch_size if settings.batch_size is not None else defaults.batch_size,
+        lr=settings.lr if settings.lr is not None else defaults.lr,
+        seed=settings.seed if settings.seed is not None else defaults.seed,
+        stages=settings.stages,
+        stage_by=settings.stage_by,
+        dtype="float32",  # what travels in an ArrayRecord
+    )
+
+
+def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+    """Train this node's shard from the global in ``content``; return the reply's RecordDict."""
+    from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
+    from uniflow_cli.data.build import load_split
+    from uniflow_cli.training import _lora_settings, _model_settings, train_client_round
+    from uniflow_cli.workspace import find_workspace
+
+    settings = FlowerRunSettings.from_run_config(run_config)
+    client = client_id_of(node_config)
+    ws = find_workspace(settings.workspace_path(node_config))
+    assert ws is not None
+    config = content.config_records.get("config", ConfigRecord())
+    if "arrays" not in content.array_records:
+        raise UsageError("the train message carries no 'arrays' record", fix="run uniflow's ServerApp")
+    start, history, t, method = decode_global(config, content.array_records["arrays"], content.array_records.get(HISTORY_KEY))
+    model_settings = _model_settings(ws, None)
+    if settings.preset and model_settings.preset != settings.preset:
+        raise ConfigError(f"run-config preset={settings.preset!r} but {ws.config_path} uses {model_settings.preset!r}", fix="make them agree (or set preset = '')")
+    cfg = train_config_for(settings, ws)
+    dataset = load_split(ws.client_data(client))
+    state = ws.client_state(client)
+    private_B = read_adapter(state).tensors if method == "fedsa" and (state / "adapter_model.safetensors").exists() else None
+    result = train_client_round(
+        cfg, start, dataset, model_settings, _lora_settings(ws), method=method, client_id=client, round_=t + 1,
+        history=history, private_B=private_B, private_where=str(state), total_rounds=settings.num_server_rounds,
+        started_from=f"flower global of round {t}",
+    )
+    if result.private is not None:
+        # FedSA: the client's own B stays on this node for its next round (replaced atomically).
+        private_meta = AdapterMeta(role="client", client_id=client, round=t + 1, method=method, base_fingerprint=result.meta.base_fingerprint)
+        write_adapter(state, peft_config=result.peft_config, tensors=result.private, meta=private_meta, force=True)
+    stats = result.stats
+    metrics = MetricRecord(
+        {
+            "num-examples": stats.num_examples,
+            "train-loss-first": float(stats.first_loss or 0.0),
+            "train-loss-last": float(stats.last_loss or 0.0),
+            "train-seconds": float(stats.seconds),
+            "upload-bytes": result.upload_bytes,
+        }
+    )
+    reply = ConfigRecord(
+        {
+            "client-id": client,
+            "round": t + 1,
+            "base-fingerprint": result.meta.base_fingerprint or "",
+            "peft-config": json.dumps(result.peft_config, sort_keys=True),
+            "modalities": json.dumps(result.meta.modalities),
+            "steps": stats.steps,
+        }
+    )
+    return RecordDict({"arrays": tensors_to_record(result.shared), "metrics": metrics, REPLY_KEY: reply})

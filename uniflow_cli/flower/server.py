@@ -1,0 +1,88 @@
+"""The server's side of a Flower run: workspace → strategy → rounds (→ evaluation after chosen rounds)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.supercore import log
+
+from uniflow_cli.errors import ConfigError, UsageError
+from uniflow_cli.flower.records import tensors_to_record
+from uniflow_cli.flower.settings import DP_METHODS, FlowerRunSettings
+from uniflow_cli.flower.strategy import UniflowFedAvg, UniflowServerSideDP
+
+
+def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, UniflowFedAvg]:
+    """(the strategy to run — maybe DP-wrapped —, the uniflow strategy inside it)."""
+    from uniflow_cli.adapters import read_adapter
+    from uniflow_cli.aggregation import AggregationOptions
+    from uniflow_cli.server import settings_for
+    from uniflow_cli.training import _model_settings
+
+    model = _model_settings(workspace, None)
+    if settings.preset and model.preset != settings.preset:
+        raise ConfigError(f"run-config preset={settings.preset!r} but {workspace.config_path} uses {model.preset!r}", fix="make them agree (or set preset = '')")
+    chosen = settings_for(workspace.root, settings.method or None, settings.lambda_, settings.ridge, settings.weighting)
+    options = AggregationOptions(method=chosen.method, lambda_=chosen.lambda_, ridge=chosen.ridge)
+    if settings.dp and options.method not in DP_METHODS:
+        raise ConfigError(f"dp=true with method {options.method!r}: its replies do not line up with the global array by array", fix=f"use dp with {', '.join(DP_METHODS)}")
+    t0 = workspace.latest_global_round()
+    start = read_adapter(workspace.global_dir(t0))
+    if start.meta is not None and start.meta.role != "global":
+        raise UsageError(f"{workspace.global_dir(t0)} is a {start.meta.role} adapter", fix="re-publish the global")
+    history = [(r, read_adapter(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if options.method in ("fedex", "flora") else []
+    inner = UniflowFedAvg(
+        workspace=workspace, options=options, start=start, round_offset=t0, history=history, weighting=chosen.weighting,
+        fraction_train=settings.fraction_train, min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
+    )
+    if not settings.dp:
+        return inner, inner
+    return UniflowServerSideDP(inner, settings.dp_noise_multiplier, settings.dp_clipping_norm, settings.min_train_nodes), inner
+
+
+def evaluation_hook(settings: FlowerRunSettings, workspace: Any, inner: UniflowFedAvg) -> Any:
+    """Server-side evaluation (uniflow's evaluate core) after the rounds named by ``eval-rounds``."""
+    wanted = settings.eval_round_set(settings.num_server_rounds)
+    if not wanted:
+        return None
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        t = inner.round_offset + server_round
+        if server_round not in wanted or t not in inner.published:
+            return None
+        from uniflow_cli.evaluation import run_evaluate
+
+        result = run_evaluate(workspace=workspace.root, round=t, limit=settings.eval_limit or None)
+        flat: dict[str, float] = {}
+        for modality, values in result.payload["metrics"].items():
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"{modality}/{name}"] = float(value)
+        log(INFO, "round %d: evaluation written to %s", t, result.path)
+        return MetricRecord(flat)
+
+    return evaluate
+
+
+def run_server(grid: Any, run_config: Mapping[str, Any]) -> Any:
+    """Everything the ServerApp does; returns Flower's ``Result``."""
+    from uniflow_cli.workspace import find_workspace
+
+    settings = FlowerRunSettings.from_run_config(run_config)
+    workspace = find_workspace(settings.workspace_path())
+    strategy, inner = build_strategy(settings, workspace)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=tensors_to_record(inner.current.tensors),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluation_hook(settings, workspace, inner),
+    )
+    missing = [inner.round_offset + r for r in range(1, settings.num_server_rounds + 1) if inner.round_offset + r not in inner.published]
+    if missing:
+        log(WARNING, "rounds %s published no global (too few usable replies)", missing)
+    return result

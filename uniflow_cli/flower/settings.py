@@ -1,0 +1,145 @@
+"""The Flower run config (``[tool.flwr.app.config]`` + ``--run-config`` overrides) as validated settings.
+
+Keys use Flower's hyphenated style. Unset training/aggregation values fall back to the workspace's
+``uniflow.toml`` tables exactly like ``uniflow local-train`` / ``uniflow aggregate`` do, so that a run
+config and the equivalent command lines train and fuse the same bytes. No flwr import here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.errors import ConfigError
+
+# run-config key → dataclass field
+_KEYS = {
+    "workspace": "workspace",
+    "preset": "preset",
+    "method": "method",
+    "num-server-rounds": "num_server_rounds",
+    "tau": "tau",
+    "lambda": "lambda_",
+    "ridge": "ridge",
+    "weighting": "weighting",
+    "steps": "steps",
+    "batch-size": "batch_size",
+    "lr": "lr",
+    "seed": "seed",
+    "stages": "stages",
+    "stage-by": "stage_by",
+    "fraction-train": "fraction_train",
+    "min-train-nodes": "min_train_nodes",
+    "min-available-nodes": "min_available_nodes",
+    "round-timeout": "round_timeout",
+    "dp": "dp",
+    "dp-noise-multiplier": "dp_noise_multiplier",
+    "dp-clipping-norm": "dp_clipping_norm",
+    "eval-rounds": "eval_rounds",
+    "eval-limit": "eval_limit",
+}
+# Methods whose reply arrays have exactly the global's keys and shapes in every round: the precondition
+# of Flower's server-side fixed clipping (it subtracts the global from every reply array by position).
+# Not ffa (uploads B only), fedsa (the round-0 global still has B), fedex (residual), flora (rank grows).
+DP_METHODS = ("fedit", "fedA2", "svd")
+
+
+@dataclass
+class FlowerRunSettings:
+    """One Flower run of a uniflow federation (the paper's names where it has them)."""
+
+    workspace: str = ""
+    preset: str = ""  # "" = whatever the workspace uses; otherwise must match its [model] preset
+    method: str = ""  # "" = the workspace's [aggregate] method
+    num_server_rounds: int = 2
+    tau: float | None = None
+    lambda_: float | None = None
+    ridge: str | None = None
+    weighting: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    stages: str = "two-stage"
+    stage_by: str = "step"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    dp: bool = False
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 10.0
+    eval_rounds: str = ""  # "", "last", "all" or "1,3,5"
+    eval_limit: int = 0  # 0 = every test sample
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            raise ConfigError(f"num-server-rounds={self.num_server_rounds!r} must be >= 1", fix="set num-server-rounds = 2")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train={self.fraction_train!r} must be in (0, 1]", fix="set fraction-train = 1.0")
+        if self.min_train_nodes < 1 or self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                f"min-train-nodes={self.min_train_nodes!r}, min-available-nodes={self.min_available_nodes!r}",
+                fix="use 1 <= min-train-nodes <= min-available-nodes",
+            )
+        if not (self.round_timeout > 0 and math.isfinite(self.round_timeout)):
+            raise ConfigError(f"round-timeout={self.round_timeout!r} must be > 0 seconds", fix="set round-timeout = 3600")
+        if self.dp:
+            if self.dp_noise_multiplier < 0 or not self.dp_clipping_norm > 0:
+                raise ConfigError(
+                    f"dp-noise-multiplier={self.dp_noise_multiplier!r} / dp-clipping-norm={self.dp_clipping_norm!r}",
+                    fix="use a noise multiplier >= 0 and a clipping norm > 0",
+                )
+        if self.eval_limit < 0:
+            raise ConfigError(f"eval-limit={self.eval_limit!r} must be >= 0", fix="set eval-limit = 0 (every sample)")
+        self.eval_round_set(self.num_server_rounds)  # validates the syntax now, not after the first round
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerRunSettings:
+        unknown = sorted(set(run_config) - set(_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}", fix=f"use only: {', '.join(sorted(_KEYS))}")
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = _KEYS[key]
+            kind = str(types[name])
+            if isinstance(value, bool) and "bool" not in kind:
+                raise ConfigError(f"run-config {key}={value!r} is not a {kind.split(' |')[0]}", fix=f"set {key} to a number/string")
+            if "int" in kind and "float" not in kind and not isinstance(value, int):
+                raise ConfigError(f"run-config {key}={value!r} must be an integer", fix=f"e.g. {key}=2")
+            if "float" in kind and not isinstance(value, (int, float)):
+                raise ConfigError(f"run-config {key}={value!r} must be a number", fix=f"e.g. {key}=0.25")
+            if kind.startswith("str") and not isinstance(value, str):
+                raise ConfigError(f"run-config {key}={value!r} must be a string", fix=f"quote it: {key}='...'")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"run-config {key}={value!r} must be true or false", fix=f"{key}=true")
+            values[name] = float(value) if "float" in kind and not isinstance(value, bool) else value
+        return cls(**values)
+
+    def workspace_path(self, node_config: Mapping[str, Any] | None = None) -> Path:
+        """A node may keep its own copy of the workspace (``--node-config "workspace='/srv/fed'"``)."""
+        override = (node_config or {}).get("workspace")
+        path = str(override) if override else self.workspace
+        if not path:
+            raise ConfigError("the run config names no workspace", fix="set workspace = '/abs/path/to/fed' (uniflow init + uniflow partition)")
+        return Path(path).expanduser()
+
+    def eval_round_set(self, total: int) -> set[int]:
+        text = self.eval_rounds.strip()
+        if text in ("", "none"):
+            return set()
+        if text == "all":
+            return set(range(1, total + 1))
+        if text == "last":
+            return {total}
+        rounds = set()
+        for part in text.split(","):
+            try:
+                rounds.add(int(part))
+            except ValueError:
+                raise ConfigError(f"eval-rounds entry {part.strip()!r} is not a round number", fix="use eval-rounds = 'last', 'all' or '1,3'") from None
+        return rounds

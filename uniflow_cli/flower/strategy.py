@@ -1,0 +1,188 @@
+"""A Flower ``FedAvg`` whose fusion is uniflow's aggregation core (every method, λ/ridge from the run config).
+
+``aggregate_train`` replaces FedAvg's element-wise average: it drops error replies and replies made on
+another base model (one log line each), orders the rest by client id (the order ``uniflow aggregate``
+reads a round's drops in), fuses them with :func:`uniflow_cli.aggregation.aggregate` and publishes the
+result as ``rounds/<t>/global`` of the server's workspace — the same adapter format as the file-drop path.
+
+``configure_train`` only adds what the arrays alone cannot say: the global's metadata (round, method,
+base fingerprint, PEFT config) and, for fedex/flora, the earlier globals that clients fold into their base.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.supercore import log
+
+from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, write_adapter
+from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
+from uniflow_cli.errors import UniflowError
+from uniflow_cli.flower.records import HEADER_KEY, HISTORY_KEY, REPLY_KEY, global_header, history_record, record_to_tensors, tensors_to_record
+
+
+def _order(client_id: str) -> str:
+    # uniflow aggregate reads rounds/<t>/clients/* sorted by directory name: the same order here.
+    return client_id
+
+
+class UniflowFedAvg(FedAvg):
+    """FedAvg sampling/transport + uniflow fusion + publishing into a workspace.
+
+    ``start`` is the global the first Flower round starts from (``rounds/<round_offset>/global``);
+    Flower's round r publishes ``rounds/<round_offset + r>/global``. ``history`` holds the published
+    globals of rounds 1..round_offset (fedex/flora clients fold them into their base).
+    """
+
+    def __init__(
+        self,
+        *,
+        workspace: Any,
+        options: AggregationOptions,
+        start: LoadedAdapter,
+        round_offset: int = 0,
+        history: Sequence[tuple[int, LoadedAdapter]] = (),
+        weighting: str = "examples",
+        publish: bool = True,
+        **fedavg: Any,
+    ) -> None:
+        fedavg.setdefault("fraction_evaluate", 0.0)  # uniflow evaluates on the server (evaluate_fn)
+        super().__init__(**fedavg)
+        self.workspace = workspace
+        self.options = options
+        self.current = start
+        self.round_offset = round_offset
+        self.history = list(history)
+        self.weighting = weighting
+        self.publish_on_aggregate = publish  # False when a DP wrapper adds noise after aggregate_train
+        self.base_fingerprint = start.meta.base_fingerprint if start.meta is not None else None
+        self.pending: tuple[int, AggregationResult, AdapterMeta] | None = None
+        self.published: list[int] = []
+        self.rejected: dict[int, list[str]] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> uniflow: method %s, lambda %s, ridge %s, weighting %s", self.options.method, self.options.lambda_, self.options.ridge, self.weighting)
+        log(INFO, "\t├──> workspace %s, starting from round %d", self.workspace.root, self.round_offset)
+        super().summary()
+
+    # ------------------------------------------------------------------------------------------ sending
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        t = self.round_offset + server_round - 1
+        history = self.history if self.options.method in ("fedex", "flora") else []
+        config = ConfigRecord(dict(config))  # per round: the caller's record is reused every round
+        config[HEADER_KEY] = global_header(self.current, round_=t, method=self.options.method, history=history)
+        # What the clients actually receive is the start of this round (a DP wrapper may have noised it).
+        self.current = LoadedAdapter(self.current.path, self.current.peft_config, record_to_tensors(arrays, where="global"), self.current.meta, self.current.residual)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        extra = history_record(history, self.options.method)
+        if extra is not None:
+            for message in messages:
+                message.content[HISTORY_KEY] = extra
+        return messages
+
+    # ------------------------------------------------------------------------------------------ fusing
+    def _reject_reason(self, msg: Message) -> str | None:
+        content = msg.content
+        if REPLY_KEY not in content.config_records or "arrays" not in content.array_records or not content.metric_records:
+            return "not a uniflow reply (missing arrays/metrics/uniflow records)"
+        info = content.config_records[REPLY_KEY]
+        fingerprint = str(info.get("base-fingerprint", ""))
+        if self.base_fingerprint and fingerprint != self.base_fingerprint:
+            return f"trained on base {fingerprint[:16] or '?'}…, the global's base is {self.base_fingerprint[:16]}…"
+        num = next(iter(content.metric_records.values())).get(self.weighted_by_key)
+        if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
+            return f"{self.weighted_by_key}={num!r} is not a positive integer"
+        return None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t = self.round_offset + server_round
+        valid, _errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        accepted: dict[str, Message] = {}
+        rejected = []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            reason = self._reject_reason(msg)
+            client = str(msg.content.config_records[REPLY_KEY].get("client-id")) if reason is None else "?"
+            if reason is None and client in accepted:
+                reason = f"client id {client!r} already replied (two nodes share a partition-id)"
+            if reason is not None:
+                log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", t, node, client, reason)
+                rejected.append(f"node {node}: {reason}")
+                continue
+            accepted[client] = msg
+        self.rejected[t] = rejected
+        if len(accepted) < self.min_train_nodes:
+            log(WARNING, "round %d: %d usable replies, fewer than min-train-nodes=%d: the global is not updated", t, len(accepted), self.min_train_nodes)
+            return None, None
+        order = sorted(accepted, key=_order)
+        contents = [accepted[c].content for c in order]
+        clients, raw_weights = [], []
+        for client, content in zip(order, contents):
+            info = content.config_records[REPLY_KEY]
+            clients.append(ClientUpdate(f"client {client}", record_to_tensors(content.array_records["arrays"], where=f"client {client}"), json.loads(str(info["peft-config"]))))
+            raw_weights.append(float(next(iter(content.metric_records.values()))[self.weighted_by_key]) if self.weighting == "examples" else 1.0)
+        start = ClientUpdate(f"global of round {t - 1}", self.current.tensors, self.current.peft_config)
+        try:
+            result = aggregate(clients, raw_weights, self.options, start=start)
+        except UniflowError as exc:
+            log(WARNING, "round %d: aggregation failed: %s; the global is not updated", t, exc)
+            return None, None
+        meta = self._meta(t, order, contents, result)
+        self.pending = (t, result, meta)
+        arrays = tensors_to_record(result.tensors)
+        if self.publish_on_aggregate:
+            self.publish(server_round, arrays)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        log(INFO, "round %d: fused %d clients (%s) with %s", t, len(order), ", ".join(order), result.method)
+        return arrays, metrics
+
+    def _meta(self, t: int, order: list[str], contents: list[Any], result: AggregationResult) -> AdapterMeta:
+        counts = [int(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        modalities = sorted({m for c in contents for m in json.loads(str(c.config_records[REPLY_KEY].get("modalities", "[]")))})
+        return AdapterMeta(
+            role="global",
+            base_fingerprint=self.base_fingerprint,
+            round=t,
+            num_examples=sum(counts) or None,
+            modalities=modalities,
+            method=result.method,
+            extra={
+                "aggregation": result.summary(),
+                "options": {"lambda": self.options.lambda_, "ridge": self.options.ridge, "rcond": self.options.rcond, "weighting": self.weighting, "dtype": "float32"},
+                "clients": [{"client_id": c, "num_examples": n, "weight": w} for c, n, w in zip(order, counts, result.weights)],
+                "notes": result.notes,
+                "engine": {"name": "flower", "rejected": self.rejected.get(t, [])},
+            },
+        )
+
+    def publish(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Write the round's global (``arrays``: what the clients will receive next) into the workspace."""
+        assert self.pending is not None and self.pending[0] == self.round_offset + server_round
+        t, result, meta = self.pending
+        tensors = record_to_tensors(arrays, where="global")
+        out = write_adapter(self.workspace.global_dir(t), peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual)
+        self.current = LoadedAdapter(out, result.peft_config, tensors, meta, result.residual)
+        self.history.append((t, self.current))
+        self.published.append(t)
+        self.pending = None
+        log(INFO, "round %d: published %s", t, out)
+
+
+class UniflowServerSideDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP around :class:`UniflowFedAvg`: the published global is the noised one."""
+
+    def __init__(self, strategy: UniflowFedAvg, noise_multiplier: float, clipping_norm: float, num_sampled_clients: int) -> None:
+        strategy.publish_on_aggregate = False
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.strategy.publish(server_round, arrays)  # type: ignore[attr-defined]
+        return arrays, metrics
