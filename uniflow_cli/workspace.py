@@ -88,6 +88,10 @@ class AggregateSettings:
     weighting: str = "examples"
 
     def __post_init__(self) -> None:
+        from uniflow_cli.aggregation.methods import METHODS  # lazy: imports torch
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}", fix="use --method fedA2")
         if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
             raise ConfigError(f"lambda={self.lambda_!r} must be a finite number >= 0", fix="use --lambda 1.0")
         if self.ridge not in ("auto", "always", "never"):

@@ -126,6 +126,10 @@ def _register() -> None:
 
     app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
 
+    from uniflow_cli.cli import flower
+
+    app.add_typer(flower.flower_app, name="flower")
+
 
 _register()
 

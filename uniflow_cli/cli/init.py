@@ -36,6 +36,12 @@ def init(
     pool: Annotated[str, typer.Option("--pool", help="Eq. 3 pooling: cls | mean | adaptive.")] = "adaptive",
     pool_tokens: Annotated[int, typer.Option("--pool-tokens", help="Tokens per modality with --pool adaptive.")] = 4,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels (DINOv2 patch 14).")] = 112,
+    method: Annotated[str, typer.Option("--method", "-m", help="Aggregation method of the experiment ([aggregate] method): fedit | ffa | fedsa | fedex | fedA2 | svd | flora.")] = "fedA2",
+    lambda_: Annotated[float, typer.Option("--lambda", help="Tikhonov λ of Eq. 13 ([aggregate] lambda_).")] = 1.0,
+    tau: Annotated[float, typer.Option("--stage-tau", "--tau", help="Eq. 7's τ for local training ([train] tau).")] = 0.25,
+    steps: Annotated[int, typer.Option("--steps", help="Local steps per round ([train] steps).")] = 20,
+    lr: Annotated[float, typer.Option("--lr", help="Local learning rate ([train] lr).")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size ([train] batch_size).")] = 4,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -43,7 +49,7 @@ def init(
     from uniflow_cli.cli.console import err, out
     from uniflow_cli.models.settings import ModelSettings
     from uniflow_cli.models.workspace_init import init_workspace
-    from uniflow_cli.workspace import LoraSettings
+    from uniflow_cli.workspace import AggregateSettings, LoraSettings, TrainSettings
 
     model = ModelSettings(
         preset=preset,
@@ -56,8 +62,10 @@ def init(
         image_size=image_size,
     )
     lora = LoraSettings(r=r, lora_alpha=lora_alpha, use_rslora=rslora)
+    train = TrainSettings(tau=tau, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    aggregate = AggregateSettings(method=method, lambda_=lambda_)
     with err.status("building the model") as status:
-        result = init_workspace(directory, model, lora, seed=seed, force=force, progress=lambda msg: status.update(msg))
+        result = init_workspace(directory, model, lora, seed=seed, force=force, progress=lambda msg: status.update(msg), train=train, aggregate=aggregate)
     c = result.counts
     out.print(f"[green]workspace[/green] {result.root}")
     out.print(f"  config         {result.config_path}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,7 +86,10 @@ def ensure_converted(source: cache.EmbeddedSource, *, progress: Progress | None 
         progress(f"converting {source.name} ({'cache ' + problem if problem and problem != 'not built' else 'first use'})")
     entry.parent.mkdir(parents=True, exist_ok=True)
     with publish_dir(entry, force=True) as tmp, quiet_transformers():
-        facts = _converter(source)(src, tmp)
+        # transformers' GGUF loader draws its own tqdm bar regardless of its logging settings; failures
+        # still surface as exceptions, so its stderr chatter is dropped while converting.
+        with contextlib.redirect_stderr(io.StringIO()):
+            facts = _converter(source)(src, tmp)
         cache.write_manifest(tmp, source=source, source_sha=sha, extra={"verification": facts})
     return entry
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniflow_cli.errors import ConfigError
+from uniflow_cli.errors import ConfigError, OutputExistsError
 from uniflow_cli.models.presets import Progress
 from uniflow_cli.models.settings import ModelSettings
 from uniflow_cli.workspace import CONFIG_NAME, AggregateSettings, LoraSettings, TrainSettings, Workspace
@@ -38,17 +38,20 @@ def settings_from_config(config: dict[str, Any]) -> tuple[ModelSettings, LoraSet
     return ModelSettings.from_dict(config.get("model")), LoraSettings(**lora)
 
 
-def config_dict(model: ModelSettings, lora: LoraSettings, seed: int) -> dict[str, Any]:
+def config_dict(
+    model: ModelSettings, lora: LoraSettings, seed: int, train: TrainSettings | None = None, aggregate: AggregateSettings | None = None
+) -> dict[str, Any]:
     return {
         "model": model.to_dict(),
         "lora": dataclasses.asdict(lora),
-        "train": dataclasses.asdict(TrainSettings(seed=seed)),
-        "aggregate": dataclasses.asdict(AggregateSettings()),
+        "train": dataclasses.asdict(train or TrainSettings(seed=seed)),
+        "aggregate": dataclasses.asdict(aggregate or AggregateSettings()),
     }
 
 
 def init_workspace(
-    root: Path, model: ModelSettings, lora: LoraSettings, *, seed: int = 0, force: bool = False, progress: Progress | None = None
+    root: Path, model: ModelSettings, lora: LoraSettings, *, seed: int = 0, force: bool = False, progress: Progress | None = None,
+    train: TrainSettings | None = None, aggregate: AggregateSettings | None = None,
 ) -> InitResult:
     """Write ``root/uniflow.toml`` and ``root/rounds/0/global``; nothing is written if anything fails first."""
     from uniflow_cli.adapters import AdapterMeta, write_adapter
@@ -58,9 +61,14 @@ def init_workspace(
 
     ws = Workspace(Path(root).resolve())
     # Refuse before the (slow) model build, so a mistaken re-init costs nothing and changes nothing.
-    check_writable_target(ws.config_path, force=force)
-    check_writable_target(ws.global_dir(0), force=force)
-    text = dumps_config(config_dict(model, lora, seed))
+    for target in (ws.config_path, ws.global_dir(0)):
+        try:
+            check_writable_target(target, force=force)
+        except OutputExistsError:
+            raise OutputExistsError(
+                f"{target} already exists (the workspace is initialised)", fix="pass --force to re-initialise it, or choose another directory"
+            ) from None
+    text = dumps_config(config_dict(model, lora, seed, train, aggregate))
 
     peft_model = load_model(model, lora, seed, progress=progress)
     tensors = adapter_tensors(peft_model)

@@ -1,0 +1,349 @@
+"""uniflow under Flower: settings, records, the strategy and the ClientApp, a simulation and a loopback deployment.
+
+The central check: the global adapter Flower produces equals, byte for byte, what the file-drop path
+(`uniflow local-train` + `uniflow aggregate`) produces for the same partition, seeds and method.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from uniflow_cli.adapters import TENSORS_FILE, read_adapter  # noqa: E402
+from uniflow_cli.cli.app import app  # noqa: E402
+from uniflow_cli.errors import AdapterError, ConfigError  # noqa: E402
+from uniflow_cli.flower.client import run_client_round  # noqa: E402
+from uniflow_cli.flower.records import REPLY_KEY, record_to_tensors, tensors_to_record  # noqa: E402
+from uniflow_cli.flower.server import build_strategy  # noqa: E402
+from uniflow_cli.flower.settings import FlowerRunSettings  # noqa: E402
+from uniflow_cli.workspace import find_workspace  # noqa: E402
+
+pytestmark = pytest.mark.flower
+runner = CliRunner()
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2
+SIZES = {"0": 4, "1": 5, "2": 6}  # unequal shards: the num_examples weights matter
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- a tiny workspace
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    from uniflow_cli.data.schema import make_row, rows_to_dataset
+
+    ws = tmp_path_factory.mktemp("tpl") / "fed"
+    run("init", ws, "--preset", "tiny-random", "--modalities", "image")
+    for k, n in SIZES.items():
+        rows = [make_row(id=f"c{k}-{i}", modality="image", question=f"What is {i} plus {k}?", answer=str(i + int(k)), image_bytes=_png(10 * int(k) + i))
+                for i in range(n)]
+        rows_to_dataset(rows).save_to_disk(str(ws / "data" / "clients" / k))
+    return ws
+
+
+def copy_of(template: Path, dst: Path) -> Path:
+    shutil.copytree(template, dst)
+    return dst
+
+
+def file_drop(ws: Path, method: str, rounds: int, clients) -> dict[int, bytes]:
+    """The file-drop federation through the CLI: local-train per client, then aggregate, per round."""
+    for t in range(1, rounds + 1):
+        for k in clients:
+            run("local-train", "--client", k, "-w", ws, "--steps", STEPS, "--method", method)
+        run("aggregate", "--round", t, "-w", ws, "--method", method)
+    return {t: (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() for t in range(1, rounds + 1)}
+
+
+@pytest.fixture(scope="module")
+def fedA2_file_drop(template, tmp_path_factory) -> dict[int, bytes]:
+    return file_drop(copy_of(template, tmp_path_factory.mktemp("drop") / "fed"), "fedA2", 2, SIZES)
+
+
+# ---------------------------------------------------------------------------------------------- an in-process driver
+class FakeGrid:
+    """Enough of Flower's Grid for FedAvg's sampling: the node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), tamper=None):
+    """Run the strategy and the ClientApp's round function in this process, message by message."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    settings = FlowerRunSettings.from_run_config(run_config)
+    strategy, inner = build_strategy(settings, find_workspace(ws))
+    arrays = tensors_to_record(inner.current.tensors)
+    for server_round in range(1, settings.num_server_rounds + 1):
+        replies = []
+        for msg in strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(partitions)):
+            node = msg.metadata.dst_node_id
+            if node in fail:
+                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=msg))
+                continue
+            content = run_client_round(msg.content, run_config, {"partition-id": partitions[node]})
+            if tamper is not None:
+                tamper(node, content)
+            replies.append(Message(content=content, reply_to=msg))
+        new, _ = strategy.aggregate_train(server_round, replies)
+        arrays = new if new is not None else arrays
+    return inner
+
+
+def cfg(ws: Path, method: str, rounds: int = 2, **extra) -> dict:
+    return {"workspace": str(ws), "method": method, "num-server-rounds": rounds, "steps": STEPS, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- settings and records
+@pytest.mark.parametrize("run_config, message", [
+    ({"rounds": 2}, r"unknown run-config key\(s\) \['rounds'\]"),
+    ({"num-server-rounds": 0}, "num-server-rounds=0 must be >= 1"),
+    ({"tau": "a lot"}, "tau='a lot' must be a number"),
+    ({"steps": 2.5}, "steps=2.5 must be an integer"),
+    ({"dp": "yes"}, "dp='yes' must be true or false"),
+    ({"eval-rounds": "first"}, "eval-rounds entry 'first'"),
+    ({"min-train-nodes": 3, "min-available-nodes": 2}, "min-train-nodes=3"),
+])
+def test_run_config_is_validated(run_config, message):
+    with pytest.raises(ConfigError, match=message):
+        FlowerRunSettings.from_run_config(run_config)
+
+
+def test_workspace_must_be_named_and_dp_needs_aligned_replies(template, tmp_path):
+    with pytest.raises(ConfigError, match="names no workspace"):
+        FlowerRunSettings.from_run_config({}).workspace_path()
+    ws = find_workspace(template)
+    with pytest.raises(ConfigError, match="dp=true with method 'ffa'"):
+        build_strategy(FlowerRunSettings.from_run_config(cfg(template, "ffa", dp=True)), ws)
+    with pytest.raises(ConfigError, match="preset='smol' but"):
+        build_strategy(FlowerRunSettings.from_run_config(cfg(template, "fedA2", preset="smol")), ws)
+
+
+def test_records_round_trip_exactly_and_refuse_other_dtypes():
+    import numpy as np
+
+    tensors = {"b.lora_B.weight": torch.randn(3, 2), "a.lora_A.weight": torch.randn(2, 5)}
+    record = tensors_to_record(tensors)
+    assert list(record.keys()) == sorted(tensors)  # replies line up with the global position by position
+    back = record_to_tensors(record)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    with pytest.raises(AdapterError, match="is float16, uniflow exchanges float32"):
+        record_to_tensors(ArrayRecord({"x": Array(np.zeros(2, dtype=np.float16))}))
+
+
+# ---------------------------------------------------------------------------------------------- byte identity, in process
+@pytest.mark.parametrize("method", ["fedsa", "fedex", "flora", "ffa"])
+def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
+    """Two rounds, two clients: fedsa's private B, fedex's residual history, flora's merge history, ffa's frozen A."""
+    clients = {"0": 4, "1": 5}
+    expected = file_drop(copy_of(template, tmp_path / "drop"), method, 2, clients)
+    ws = copy_of(template, tmp_path / "flower")
+    drive(ws, cfg(ws, method), {101: "0", 102: "1"})
+    for t in (1, 2):
+        assert (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == expected[t], f"{method} round {t}"
+    if method == "fedsa":  # B stayed on the node and never entered the global
+        assert all(k.endswith("lora_B.weight") for k in read_adapter(ws / "state" / "clients" / "0").tensors)
+        assert not any(k.endswith("lora_B.weight") for k in read_adapter(ws / "rounds" / "2" / "global").tensors)
+
+
+# ---------------------------------------------------------------------------------------------- faults, in process
+def test_wrong_base_reply_is_rejected_and_the_round_proceeds(template, tmp_path, caplog):
+    ws = copy_of(template, tmp_path / "fed")
+
+    def other_base(node, content):
+        if node == 103:
+            content[REPLY_KEY]["base-fingerprint"] = "another-base-0123456789"
+
+    with caplog.at_level("WARNING"):
+        inner = drive(ws, cfg(ws, "fedA2", rounds=1), {101: "0", 102: "1", 103: "2"}, tamper=other_base)
+    assert inner.published == [1]
+    meta = read_adapter(ws / "rounds" / "1" / "global").meta
+    assert [c["client_id"] for c in meta.extra["clients"]] == ["0", "1"]
+    assert "trained on base another-base-012" in meta.extra["engine"]["rejected"][0]
+    assert "rejected the reply of node 103" in caplog.text
+
+
+def test_below_the_minimum_nothing_is_published(template, tmp_path):
+    ws = copy_of(template, tmp_path / "fed")
+    inner = drive(ws, cfg(ws, "fedA2", rounds=1, **{"min-train-nodes": 2, "min-available-nodes": 3}), {101: "0", 102: "1", 103: "2"}, fail={102, 103})
+    assert inner.published == [] and not (ws / "rounds" / "1").exists()
+
+
+def test_dp_publishes_the_noised_global(template, tmp_path):
+    ws = copy_of(template, tmp_path / "fed")
+    plain = copy_of(template, tmp_path / "plain")
+    drive(plain, cfg(plain, "fedA2", rounds=1), {101: "0", 102: "1"})
+    drive(ws, cfg(ws, "fedA2", rounds=1, dp=True, **{"dp-noise-multiplier": 0.5}), {101: "0", 102: "1"})
+    noised, exact = read_adapter(ws / "rounds" / "1" / "global"), read_adapter(plain / "rounds" / "1" / "global")
+    assert noised.tensors.keys() == exact.tensors.keys()
+    assert any(not torch.equal(noised.tensors[k], exact.tensors[k]) for k in exact.tensors)
+
+
+# ---------------------------------------------------------------------------------------------- the project
+def test_flower_new_writes_the_example_project(template, tmp_path):
+    import tomllib
+
+    run("flower", "new", tmp_path / "app")
+    assert (tmp_path / "app" / "pyproject.toml").read_text() == (REPO / "examples" / "flower" / "pyproject.toml").read_text()
+    run("flower", "new", tmp_path / "mine", "--workspace", template, "--method", "fedex", "--rounds", "5")
+    config = tomllib.loads((tmp_path / "mine" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config["workspace"] == str(template.resolve()) and config["method"] == "fedex" and config["num-server-rounds"] == 5
+    FlowerRunSettings.from_run_config(config)  # every key the template writes is one the app reads
+    again = runner.invoke(app, ["flower", "new", str(tmp_path / "mine")])
+    assert again.exit_code == 1 and "already exists" in again.output
+    bad = runner.invoke(app, ["flower", "new", str(tmp_path / "x"), "--method", "fedavg"])
+    assert bad.exit_code == 2 and "--method 'fedavg'" in bad.output and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------- real Flower runs
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = [int(p) for p in text.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _stop(pids) -> None:
+    """SIGTERM every process we started and everything it spawned (found before the parent goes), by PID."""
+    family = [p for pid in pids for p in [pid, *_children(pid)]]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    for pid in family:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return "zombie"
+
+
+def _ours(marker: str) -> list[int]:
+    """PIDs whose command line holds ``marker`` (our private FLWR_HOME): the SuperLink `flwr run . local` detaches."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in proc.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture
+def flwr_env(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    started: list[int] = []
+    yield env, home, started
+    _stop(started + _ours(str(home)))
+
+
+def _flwr_run(env, app_dir: Path, connection: str, run_config: str, log: Path) -> str:
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", run_config],
+                              env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+def test_simulation_matches_the_file_drop_path_and_survives_a_failing_client(template, tmp_path, flwr_env, fedA2_file_drop):
+    """`flwr run . local`, 4 simulated nodes; node 3 has no shard, so its ClientApp raises every round:
+    the rounds proceed with the other three (= min-train-nodes) and the globals equal the file-drop ones."""
+    env, home, _ = flwr_env
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\n')
+    ws = copy_of(template, tmp_path / "fed")
+    app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
+    text = _flwr_run(env, app_dir, "local", f"workspace='{ws}' steps={STEPS} min-train-nodes=3 min-available-nodes=4", tmp_path / "run.log")
+    assert text.count("Received 3 results and 1 failures") == 2, text[-3000:]
+    assert "no dataset directory" in text
+    for t in (1, 2):
+        assert (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == fedA2_file_drop[t]
+
+
+def test_loopback_deployment(template, tmp_path, flwr_env, fedA2_file_drop):
+    """flower-superlink --insecure + 3 flower-supernodes on 127.0.0.1, then `flwr run . loopback`."""
+    env, home, started = flwr_env
+    port = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def spawn(name, *args):
+        fh = open(logs / f"{name}.log", "w")
+        started.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=fh, stderr=subprocess.STDOUT).pid)
+
+    spawn("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation")
+    for k in range(3):
+        spawn(f"supernode-{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+              "--node-config", f"partition-id={k} num-partitions=3")
+    deadline = time.monotonic() + 60
+    while True:  # the SuperLink takes a few seconds to listen; SuperNodes retry on their own
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, (logs / "superlink.log").read_text()[-2000:]
+            time.sleep(0.5)
+    ws = copy_of(template, tmp_path / "fed")
+    app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
+    text = _flwr_run(env, app_dir, "loopback", f"workspace='{ws}' steps={STEPS} num-server-rounds=1 min-available-nodes=3", tmp_path / "run.log")
+    assert "Received 3 results and 0 failures" in text, text[-3000:]
+    assert (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes() == fedA2_file_drop[1]
+    meta = json.loads((ws / "rounds" / "1" / "global" / "uniflow.json").read_text())
+    assert meta["extra"]["engine"]["name"] == "flower" and [c["client_id"] for c in meta["extra"]["clients"]] == ["0", "1", "2"]

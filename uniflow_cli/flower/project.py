@@ -1,0 +1,119 @@
+"""``uniflow flower new DIR``: write a ready Flower app project (pyproject.toml + README) for a workspace.
+
+The project holds configuration only: its components point at the apps inside the installed uniflow
+package. ``examples/flower/`` is this template rendered with the defaults (a test keeps them equal).
+No flwr or torch import here (the command module must stay light).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniflow_cli.errors import UsageError
+
+TEMPLATE = """\
+# A ready Flower app: uniflow's two-stage multimodal clients and FedA²-LoRA aggregation under Flower.
+#
+#   uniflow init fed --preset tiny-random --modalities image && uniflow partition ... --workspace fed
+#   export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # use this environment; never `uv sync` the app
+#   flwr run . local --stream --run-config "workspace='$PWD/fed'"
+#
+# See docs/flower.md for the SuperLink + SuperNode deployment (TLS, SuperNode authentication).
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{name}"
+version = "0.1.0"
+description = "uniflow as a Flower app: two-stage multimodal LoRA clients, FedA²-LoRA aggregation"
+license = {{ text = "Apache-2.0" }}
+dependencies = ["flwr>=1.42,<1.43", "uniflow-cli[flower]"]
+
+[tool.flwr.app]
+publisher = "uniflow"
+
+[tool.flwr.app.components]
+# The apps live in the installed uniflow package; this project only configures them.
+serverapp = "uniflow_cli.flower.server_app:app"
+clientapp = "uniflow_cli.flower.client_app:app"
+
+[tool.flwr.app.config]
+workspace = {workspace}              # absolute path of the server's workspace (and the nodes', unless a node overrides it)
+preset = {preset}      # must match the workspace's [model] preset ("" = whatever it uses)
+method = {method}            # fedit | ffa | fedsa | fedex | fedA2 | svd | flora
+num-server-rounds = {rounds}
+tau = {tau}                  # Eq. 7: share of local steps in stage I (encoders)
+lambda = {lambda_}                # Eq. 13's Tikhonov λ
+ridge = "auto"              # auto: λ only where ĀĀᵀ is singular; always; never
+steps = {steps}                   # local optimizer steps per round
+batch-size = 4
+lr = 0.0002
+seed = 0
+min-train-nodes = 2         # a round proceeds as long as this many clients reply usefully
+min-available-nodes = 2
+dp = false                  # Flower's server-side fixed-clipping DP (fedit, fedA2, svd)
+dp-noise-multiplier = 0.1
+dp-clipping-norm = 10.0
+eval-rounds = ""            # "last", "all" or "1,3": uniflow evaluate on the server after those rounds
+"""
+
+CONNECTIONS = """\
+# Flower CLI connections: copy into $FLWR_HOME/config.toml (default ~/.flwr/config.toml).
+[superlink]
+default = "local"
+
+[superlink.local]                 # flwr run . local  — a simulation on this machine
+address = ":local:"
+options.num-supernodes = {supernodes}
+
+[superlink.loopback]              # flwr run . loopback — a SuperLink you started (docs/flower.md)
+address = "127.0.0.1:9093"
+insecure = true
+"""
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    name: str = "uniflow-flower"
+    workspace: str = ""
+    preset: str = "tiny-random"
+    method: str = "fedA2"
+    rounds: int = 2
+    tau: float = 0.25
+    lambda_: float = 1.0
+    steps: int = 4
+    supernodes: int = 3
+
+    def __post_init__(self) -> None:
+        from uniflow_cli.aggregation.methods import METHODS
+
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method!r} is not one of {', '.join(METHODS)}", fix="use --method fedA2")
+        if self.rounds < 1 or self.steps < 1 or self.supernodes < 1:
+            raise UsageError(f"--rounds {self.rounds}, --steps {self.steps}, --supernodes {self.supernodes} must be >= 1", fix="use positive counts")
+        if not 0.0 <= self.tau <= 1.0:
+            raise UsageError(f"--tau {self.tau!r} must be in [0, 1]", fix="use --tau 0.25")
+        if not self.lambda_ >= 0:
+            raise UsageError(f"--lambda {self.lambda_!r} must be >= 0", fix="use --lambda 1.0")
+
+
+def render(settings: ProjectSettings) -> dict[str, str]:
+    """File name → text of the project (TOML strings are JSON-quoted: both accept the same escapes here)."""
+    pyproject = TEMPLATE.format(
+        name=settings.name, workspace=json.dumps(settings.workspace), preset=json.dumps(settings.preset), method=json.dumps(settings.method),
+        rounds=settings.rounds, tau=repr(float(settings.tau)), lambda_=repr(float(settings.lambda_)), steps=settings.steps,
+    )
+    return {"pyproject.toml": pyproject, "flower-config.toml": CONNECTIONS.format(supernodes=settings.supernodes)}
+
+
+def write_project(out: Path, settings: ProjectSettings, *, force: bool = False) -> Path:
+    from uniflow_cli.atomic import publish_dir
+
+    files = render(settings)
+    with publish_dir(Path(out), force=force) as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)
