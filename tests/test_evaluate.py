@@ -17,7 +17,8 @@ from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.data.schema import make_row, rows_to_dataset
 from uniflow_cli.errors import DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
-from uniflow_cli.evaluation import add_to_base, evaluate_model, lora_deltas, run_evaluate
+from uniflow_cli.evaluation import evaluate_model, run_evaluate
+from uniflow_cli.models.lora import add_to_base, lora_deltas
 from uniflow_cli.evaluation_io import read_eval_json
 from uniflow_cli.models import ModelSettings, adapter_tensors, collate, load_model, peft_config_dict, unwrap
 from uniflow_cli.models.workspace_init import init_workspace
@@ -164,7 +165,7 @@ def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, trained_
     """Rounds 1 and 2 carry B = 0 and half of the trained ΔW each as residuals: together, the trained model."""
     ws = _copy(base_ws, tmp_path)
     _publish(ws, 1, *trained)
-    halves = {k: v / 2 for k, v in lora_deltas(read_adapter(ws.global_dir(1))).items()}
+    halves = {k: v / 2 for k, v in lora_deltas(read_adapter(ws.global_dir(1)).peft_config, read_adapter(ws.global_dir(1)).tensors).items()}
     assert halves and all(k.startswith(("llm.", "encoders.")) and k.endswith(".weight") for k in halves)
     shutil.rmtree(ws.global_dir(1))
     zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}

@@ -139,7 +139,7 @@ def test_same_seed_same_bytes(ws, tmp_path):
 def test_fedex_residual_folding_matches_the_dense_merged_model(ws):
     from uniflow_cli.models import ModelSettings, model_from_adapter
     from uniflow_cli.models.lora import unwrap
-    from uniflow_cli.training import fold_into_base
+    from uniflow_cli.models.lora import add_to_base
     from uniflow_cli.workspace import load_config
 
     settings = ModelSettings.from_dict(load_config(ws / "uniflow.toml")["model"])
@@ -151,7 +151,7 @@ def test_fedex_residual_folding_matches_the_dense_merged_model(ws):
     folded = model_from_adapter(settings, start)
     weights = {k: v for k, v in unwrap(folded).state_dict().items() if k.endswith("q_proj.base_layer.weight")}
     residual = {k.replace(".base_layer", ""): torch.randn(v.shape, generator=gen) * 0.1 for k, v in weights.items()}
-    fold_into_base(folded, residual)
+    add_to_base(folded, residual)
     dense = model_from_adapter(settings, start).merge_and_unload()
     state = dense.state_dict()
     for key, delta in residual.items():

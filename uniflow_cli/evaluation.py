@@ -143,60 +143,6 @@ def evaluate_model(
 # --------------------------------------------------------------------------------------------------
 # Folding earlier rounds into the base weights (FedEx residuals, FLoRA merges)
 # --------------------------------------------------------------------------------------------------
-def _base_weight(peft_model: Any, key: str, where: str) -> Any:
-    """The frozen base weight a residual key (``llm.model.layers.0.self_attn.q_proj.weight``) names."""
-    if not key.endswith(".weight"):
-        raise AdapterError(f"{where}: residual key {key!r} does not name a weight", fix="re-publish the adapter with 'uniflow aggregate'")
-    module_name = key[: -len(".weight")]
-    try:
-        module = peft_model.get_submodule("base_model.model." + module_name)
-    except AttributeError:
-        raise AdapterError(f"{where}: residual key {key!r} names no module of this model", fix="evaluate with the model the adapter was made for") from None
-    # A LoRA-wrapped layer keeps the frozen W_0 in base_layer; the residual belongs there, not in LoRA.
-    layer = getattr(module, "base_layer", module)
-    weight = getattr(layer, "weight", None)
-    if weight is None:
-        raise AdapterError(f"{where}: module {module_name!r} has no weight", fix="evaluate with the model the adapter was made for")
-    return weight
-
-
-def add_to_base(peft_model: Any, deltas: Mapping[str, Any], *, where: str) -> int:
-    """Add dense ΔW tensors (keys: module path in the UniflowModel + ``.weight``) to the frozen base."""
-    import torch
-
-    with torch.no_grad():
-        for key in sorted(deltas):
-            weight = _base_weight(peft_model, key, where)
-            delta = deltas[key]
-            if tuple(delta.shape) != tuple(weight.shape):
-                raise AdapterError(
-                    f"{where}: residual {key!r} has shape {tuple(delta.shape)}, the base weight is {tuple(weight.shape)}",
-                    fix="evaluate with the model the adapter was made for",
-                )
-            weight.add_(delta.to(weight.dtype))
-    return len(deltas)
-
-
-def lora_deltas(loaded: Any) -> dict[str, Any]:
-    """ΔW = s · B A of every LoRA pair of a loaded adapter, keyed like FedEx residuals (for FLoRA merges)."""
-    import torch
-
-    from uniflow_cli.adapters import base_weight_key, lora_modules, lora_scaling
-
-    pairs, _ = lora_modules(loaded.tensors.keys())
-    deltas = {}
-    for module, (a_key, b_key) in pairs.items():
-        if a_key is None or b_key is None:
-            continue  # B = 0 (or A absent): contributes nothing
-        A = loaded.tensors[a_key].to(torch.float32)
-        B = loaded.tensors[b_key].to(torch.float32)
-        delta = lora_scaling(loaded.peft_config, module, int(A.shape[0])) * (B @ A)
-        if loaded.peft_config.get("fan_in_fan_out"):
-            delta = delta.T
-        deltas[base_weight_key(module)] = delta
-    return deltas
-
-
 def _merges_into_base(loaded: Any) -> bool:
     extra = loaded.meta.extra if loaded.meta is not None else {}
     aggregation = extra.get("aggregation") if isinstance(extra, dict) else None
@@ -402,6 +348,7 @@ def run_evaluate(
     # ---- build the model ----
     status("building the model")
     from uniflow_cli.models import load_model, model_from_adapter
+    from uniflow_cli.models.lora import add_to_base, lora_deltas
 
     if final is None:
         model = load_model(model_settings, lora_settings, 0, progress=status)
@@ -414,7 +361,7 @@ def run_evaluate(
             folded_residuals += add_to_base(model, loaded.residual, where=where)
         if loaded is not final and _merges_into_base(loaded):
             # FLoRA: clients merged this round's stacked adapter into W_0 before the next round.
-            folded_merges += add_to_base(model, lora_deltas(loaded), where=where)
+            folded_merges += add_to_base(model, lora_deltas(loaded.peft_config, loaded.tensors), where=where)
     if folded_residuals:
         notices.append(f"added {folded_residuals} FedEx residual tensor(s) of rounds 1..{t} to the base weights")
     if folded_merges:
@@ -455,4 +402,4 @@ def run_evaluate(
     return EvalResult(payload=payload, path=out_path, round=payload["round"], notices=notices)
 
 
-__all__ = ["EvalResult", "add_to_base", "evaluate_model", "lora_deltas", "run_evaluate"]
+__all__ = ["EvalResult", "evaluate_model", "run_evaluate"]

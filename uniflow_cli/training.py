@@ -110,43 +110,6 @@ def mixed_seed(seed: int, round_: int, client: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # Starting point (per method) and what is uploaded
 # --------------------------------------------------------------------------------------------------
-def fold_into_base(model: Any, deltas: Mapping[str, Any]) -> None:
-    """W_0 += ΔW for each ``{base weight key: dense ΔW}`` (FedEx residuals, merged FLoRA globals)."""
-    import torch
-
-    from uniflow_cli.models.lora import unwrap
-
-    base = unwrap(model)
-    for key, delta in deltas.items():
-        if not key.endswith(".weight"):
-            raise IncompatibleAdaptersError(f"residual key {key!r} does not name a weight", fix="re-publish the global")
-        try:
-            module = base.get_submodule(key[: -len(".weight")])
-        except AttributeError:
-            raise IncompatibleAdaptersError(f"residual {key!r} names no module of this model", fix="use the global of this workspace's base") from None
-        target = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
-        if tuple(target.shape) != tuple(delta.shape):
-            raise IncompatibleAdaptersError(f"residual {key!r} has shape {tuple(delta.shape)}, the weight {tuple(target.shape)}", fix="use the global of this workspace's base")
-        with torch.no_grad():
-            target.add_(delta.to(target.dtype))
-
-
-def lora_delta(peft_config: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """The dense ΔW = s·B·A of every LoRA module of an adapter, keyed by base weight (FLoRA's merge)."""
-    import torch
-
-    from uniflow_cli.adapters import base_weight_key, lora_modules, lora_scaling
-
-    modules, _ = lora_modules(list(tensors))
-    out = {}
-    for module, (a_key, b_key) in modules.items():
-        if a_key is None or b_key is None:
-            continue
-        A, B = tensors[a_key].to(torch.float32), tensors[b_key].to(torch.float32)
-        out[base_weight_key(module)] = lora_scaling(peft_config, module, A.shape[0]) * (B @ A)
-    return out
-
-
 def upload_tensors(method: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """What the client shares: fedsa keeps B private, ffa never re-sends the frozen A."""
     if method == "fedsa":
@@ -458,7 +421,7 @@ def train_client_round(
 
     from uniflow_cli.adapters import AdapterMeta
     from uniflow_cli.models import adapter_tensors, load_model, model_from_adapter, peft_config_dict
-    from uniflow_cli.models.lora import load_adapter_tensors, unwrap
+    from uniflow_cli.models.lora import add_to_base, load_adapter_tensors, lora_deltas, unwrap
 
     seed = mixed_seed(cfg.seed, round_, client_id or "0")
     folded: list[int] = []
@@ -470,14 +433,14 @@ def train_client_round(
         if fp is not None and fp != unwrap(model).fingerprint:
             raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}", fix="use this workspace's [model]")
         for r, adapter in history:
-            fold_into_base(model, lora_delta(adapter.peft_config, adapter.tensors))
+            add_to_base(model, lora_deltas(adapter.peft_config, adapter.tensors), where=f"round {r} global")
             folded.append(r)
     else:
         model = model_from_adapter(settings, start, lora)
         if method == "fedex":
             for r, adapter in history:
                 if adapter.residual:
-                    fold_into_base(model, adapter.residual)
+                    add_to_base(model, adapter.residual, where=f"round {r} residual")
                     folded.append(r)
         if method == "fedsa" and private_B:
             load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(".lora_B.weight")}, strict=False, where=private_where)

@@ -218,3 +218,55 @@ def lora_settings_from_peft(peft_config: dict[str, Any], defaults: LoraSettings 
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterError(f"adapter config is malformed ({exc})", fix="re-publish the adapter") from None
+
+
+def _base_weight(peft_model: Any, key: str, where: str) -> Any:
+    """The frozen base weight a residual key (``llm.model.layers.0.self_attn.q_proj.weight``) names."""
+    if not key.endswith(".weight"):
+        raise AdapterError(f"{where}: residual key {key!r} does not name a weight", fix="re-publish the adapter with 'uniflow aggregate'")
+    module_name = key[: -len(".weight")]
+    try:
+        module = unwrap(peft_model).get_submodule(module_name)
+    except AttributeError:
+        raise AdapterError(f"{where}: residual key {key!r} names no module of this model", fix="use the model the adapter was made for") from None
+    # A LoRA-wrapped layer keeps the frozen W_0 in base_layer; the residual belongs there, not in LoRA.
+    layer = getattr(module, "base_layer", module)
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        raise AdapterError(f"{where}: module {module_name!r} has no weight", fix="use the model the adapter was made for")
+    return weight
+
+
+def add_to_base(peft_model: Any, deltas: dict[str, torch.Tensor], *, where: str = "adapter") -> int:
+    """W_0 += ΔW for each ``{base weight key: dense ΔW}`` (FedEx residuals, merged FLoRA globals).
+
+    Keys are module paths inside the UniflowModel + ``.weight``; every key and shape is checked before
+    any weight changes, so a bad residual leaves the model untouched. Returns the number of weights changed.
+    """
+    targets = {}
+    for key in sorted(deltas):
+        weight = _base_weight(peft_model, key, where)
+        if tuple(deltas[key].shape) != tuple(weight.shape):
+            raise AdapterError(
+                f"{where}: residual {key!r} has shape {tuple(deltas[key].shape)}, the base weight is {tuple(weight.shape)}",
+                fix="use the model the adapter was made for",
+            )
+        targets[key] = weight
+    with torch.no_grad():
+        for key, weight in targets.items():
+            weight.add_(deltas[key].to(weight.dtype))
+    return len(targets)
+
+
+def lora_deltas(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense ΔW = s·B·A of every complete LoRA pair of an adapter, keyed by base weight (FLoRA merges)."""
+    from uniflow_cli.adapters import base_weight_key, lora_modules, lora_scaling
+
+    pairs, _ = lora_modules(list(tensors))
+    out = {}
+    for module, (a_key, b_key) in pairs.items():
+        if a_key is None or b_key is None:
+            continue  # only A (FedSA) or only B: B = 0 or A unknown, nothing to merge
+        A, B = tensors[a_key].to(torch.float32), tensors[b_key].to(torch.float32)
+        out[base_weight_key(module)] = lora_scaling(peft_config, module, A.shape[0]) * (B @ A)
+    return out
