@@ -8,7 +8,7 @@ Both loops get the same model (``load_model`` ≡ ``get_peft_model`` on the same
 same shard, the same batches in the same order (``torch.randperm`` with the same seed, popped from the
 end), the same collate, AdamW with linear decay and clipping, and train the same parameters
 (uniflow with ``--stages joint``, i.e. everything the plain loop trains); the bench checks that both reach
-the bit-identical last loss. Each run is a fresh subprocess
+the same last loss (to float32 rounding). Each run is a fresh subprocess
 so its peak RSS (``resource.getrusage``) is its own; the first ``--warmup`` steps are not timed.
 Tokens/s counts non-padding tokens (the attention mask), as ``TrainStats.tokens`` does.
 
@@ -256,7 +256,8 @@ def main() -> None:
                         for impl in ("plain", "uniflow") if r % 2 == 0 else ("uniflow", "plain"):
                             tries[impl].append(run_worker(args, impl, preset, shards[modality]))
                     u, p = (max(tries[impl], key=lambda t: t["tokens_per_s"]) for impl in ("uniflow", "plain"))
-                    if u["last_loss"] != p["last_loss"]:  # same batches, same init: the loops must agree exactly
+                    # Same init, batches and schedule: the loops must train the same thing (to float32 rounding).
+                    if abs(u["last_loss"] - p["last_loss"]) > 1e-4 * abs(p["last_loss"]):
                         raise SystemExit(f"the loops diverge: last loss uniflow {u['last_loss']} vs plain {p['last_loss']}")
                     if u["trainable"] != p["trainable"]:
                         raise SystemExit(f"trainable parameters differ: uniflow {u['trainable']} vs plain {p['trainable']}")

@@ -70,4 +70,4 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 say "report"
-$UNIFLOW report "$WS" --out "$WS/report" --force
+$UNIFLOW report "$WS" --out "$WS/report" --names "${RUN_NAME:-$METHOD ($STAGES)}" --force
