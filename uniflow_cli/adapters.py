@@ -202,6 +202,89 @@ def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading safetensors without mmap
+# --------------------------------------------------------------------------------------------------
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor with ``pread`` (no mmap).
+
+    The library's mmap-based reader leaves every page it touched resident, so streaming K large client
+    adapters through it costs K adapters of RSS; plain reads cost one tensor at a time. The header is
+    validated up front (JSON, dtypes, offsets inside the file and consistent with the shapes), so a
+    truncated or corrupt file is refused before any math.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
+            if len(head) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(os.pread(self._fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None)
+            data_size = size - 8 - n
+            self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+            for key, info in header.items():
+                dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+                if dtype not in _DTYPES:
+                    raise ValueError(f"tensor {key!r} has unsupported dtype {dtype}")
+                numel = math.prod(shape)
+                if not (0 <= begin <= end <= data_size) or end - begin != numel * _ITEMSIZE[dtype]:
+                    raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size (truncated file?)")
+                self._entries[key] = (dtype, shape, 8 + n + begin, end - begin)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            os.close(self._fd)
+            raise ValueError(str(exc)) from None
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> str:
+        return self._entries[key][0]
+
+    def get(self, key: str) -> Any:
+        import torch
+
+        dtype, shape, offset, length = self._entries[key]
+        buf = bytearray(length)
+        view, done = memoryview(buf), 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise ValueError(f"tensor {key!r}: unexpected end of file")
+            done += got
+        if length == 0:
+            return torch.empty(shape, dtype=getattr(torch, _DTYPES[dtype]))
+        return torch.frombuffer(buf, dtype=getattr(torch, _DTYPES[dtype])).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # readers are short-lived; close the descriptor with them
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 class AdapterReader(Mapping):
     """A lazily read adapter directory: metadata up front, tensors on demand (``reader[key]``).
 
@@ -211,8 +294,6 @@ class AdapterReader(Mapping):
     """
 
     def __init__(self, path: Path, *, verify: bool = True) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise AdapterError(f"adapter {self.path} does not exist or is not a directory", fix="check the path")
@@ -237,10 +318,10 @@ class AdapterReader(Mapping):
                         fix="have the client publish it again",
                     )
         try:
-            self._handle = safe_open(str(tensors_path), framework="pt")
-            self._keys = list(self._handle.keys())
+            self._handle = SafetensorsFile(tensors_path)
+            self._keys = self._handle.keys()
             self._key_set = set(self._keys)
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             raise AdapterError(
                 f"{tensors_path} is not a readable safetensors file ({exc})", fix="the file is truncated or corrupt; re-publish it"
             ) from None
@@ -256,11 +337,9 @@ class AdapterReader(Mapping):
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys:
             raise KeyError(key)
-        from safetensors import SafetensorError
-
         try:
-            return self._handle.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as exc:
+            return self._handle.get(key)
+        except (OSError, ValueError) as exc:
             raise AdapterError(
                 f"{self.path / TENSORS_FILE}: tensor {key!r} cannot be read ({exc})", fix="the file is corrupt; re-publish it"
             ) from None
@@ -275,10 +354,10 @@ class AdapterReader(Mapping):
         return len(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(key).get_shape())
+        return self._handle.shape(key)
 
     def dtype(self, key: str) -> str:
-        return str(self._handle.get_slice(key).get_dtype())
+        return self._handle.dtype(key)
 
     def nbytes(self) -> int:
         return (self.path / TENSORS_FILE).stat().st_size

@@ -107,7 +107,9 @@ def choose_ridge_branch(G: Tensor, lambda_: float, ridge: str, rcond: float) -> 
 def solve_right_spd(M: Tensor, G: Tensor, branch: str, lambda_: float, rcond: float) -> tuple[Tensor, str]:
     """X with X·G' = M where G' = G (+ λI for the ridge branch); float64, Cholesky — never an explicit inverse.
 
-    Returns X and the branch actually used (a numerically non-PD "plain" Gram falls back to "pinv").
+    With G' = L Lᵀ the system is two triangular solves from the right (Y Lᵀ = M, then X L = Y), so the
+    d_out × r right-hand side is never transposed or copied. Returns X and the branch actually used (a
+    numerically non-PD "plain" Gram falls back to "pinv").
     """
     M64, G64 = M.to(torch.float64), G.to(torch.float64)
     if branch == "pinv":
@@ -116,20 +118,24 @@ def solve_right_spd(M: Tensor, G: Tensor, branch: str, lambda_: float, rcond: fl
     L, info = torch.linalg.cholesky_ex(Gp)
     if int(info) != 0:
         return M64 @ torch.linalg.pinv(Gp, hermitian=True, rtol=rcond), "pinv"
-    # G' is symmetric: X G' = M  <=>  G' Xᵀ = Mᵀ.
-    return torch.cholesky_solve(M64.T.contiguous(), L).T, branch
+    Y = torch.linalg.solve_triangular(L.T, M64, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, Y, upper=False, left=False), branch
 
 
 def fedA2_B(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str, rcond: float) -> tuple[Tensor, RidgeSolve]:
     """FedA²-LoRA's analytical B (Eq. 11–13) without forming any d_out × d_in matrix.
 
-    B = U Āᵀ (ĀĀᵀ + λI)⁻¹ with U Āᵀ = Σ_k w_k B_k (A_k Āᵀ): only r×r products and d_out×r sums.
+    B = U Āᵀ (ĀĀᵀ + λI)⁻¹ with U Āᵀ = Σ_k w_k B_k (A_k Āᵀ): r×r products and d_out×r sums, in the
+    inputs' working precision (float32, or float64 for float64 inputs); the Gram ĀĀᵀ, the Eq. 13
+    decision and the solve in float64.
     """
+    dtype = work_dtype(A_bar, *As, *Bs)
+    A_bar_t = A_bar.to(dtype).T
+    M = torch.zeros((Bs[0].shape[0], A_bar.shape[0]), dtype=dtype)
+    for B, A, w in zip(Bs, As, weights.tolist()):
+        M.addmm_(B.to(dtype), A.to(dtype) @ A_bar_t, alpha=w)
     A_bar64 = A_bar.to(torch.float64)
     G = A_bar64 @ A_bar64.T
-    M = torch.zeros((Bs[0].shape[0], A_bar.shape[0]), dtype=torch.float64)
-    for B, A, w in zip(Bs, As, weights.tolist()):
-        M.addmm_(B.to(torch.float64), A.to(torch.float64) @ A_bar64.T, alpha=w)
     decision = choose_ridge_branch(G, lambda_, ridge, rcond)
     B_new, used = solve_right_spd(M, G, decision.branch, lambda_, rcond)
     return B_new, RidgeSolve(used, decision.cond)
