@@ -8,17 +8,21 @@ import sys
 from pathlib import Path
 
 
-def upload_bytes(run: Path) -> tuple[float, int]:
-    """Mean bytes one client uploads per round, and the dense residual bytes (FedEx) of the last global."""
+def upload_bytes(run: Path) -> tuple[float, int, int]:
+    """Mean bytes one client uploads per round, the dense residual bytes (FedEx) and the global's tensor
+    bytes (what every client downloads) of the last round."""
     per_drop = []
     for meta in sorted(run.glob("rounds/*/clients/*/uniflow.json")):
         train = json.loads(meta.read_text()).get("extra", {}).get("train", {})
         if "upload_bytes" in train:
             per_drop.append(train["upload_bytes"])
-    residual = 0
-    for res in sorted(run.glob("rounds/*/global/residual.safetensors")):
-        residual = res.stat().st_size
-    return (sum(per_drop) / len(per_drop) if per_drop else 0.0), residual
+    residual = glob = 0
+    for t in sorted(int(p.name) for p in run.glob("rounds/*") if p.name.isdigit() and p.name != "0"):
+        res = run / "rounds" / str(t) / "global" / "residual.safetensors"
+        residual = res.stat().st_size if res.is_file() else 0
+        tensors = run / "rounds" / str(t) / "global" / "adapter_model.safetensors"
+        glob = tensors.stat().st_size if tensors.is_file() else glob
+    return (sum(per_drop) / len(per_drop) if per_drop else 0.0), residual, glob
 
 
 def main(out: Path) -> None:
@@ -28,12 +32,13 @@ def main(out: Path) -> None:
         print(f"\n## Setting: {setting.name}\n")
         if report.is_file():
             print(report.read_text().strip())
-        print("\n| run | wall time (s) | upload per client per round | dense residual per round (FedEx) |")
-        print("|---|---|---|---|")
+        print("\n| run | wall time (s) | upload per client per round | global adapter per round (download) | + dense residual (FedEx) |")
+        print("|---|---|---|---|---|")
         for run in sorted(p for p in setting.iterdir() if p.is_dir() and p.name != "report"):
             wall = (run / "wall_seconds.txt").read_text().strip() if (run / "wall_seconds.txt").is_file() else "-"
-            up, res = upload_bytes(run)
-            print(f"| {run.name} | {wall} | {up / 2**20:.2f} MiB | {res / 2**20:.1f} MiB |" if res else f"| {run.name} | {wall} | {up / 2**20:.2f} MiB | - |")
+            up, res, glob = upload_bytes(run)
+            res_s = f"{res / 2**20:.1f} MiB" if res else "-"
+            print(f"| {run.name} | {wall} | {up / 2**20:.2f} MiB | {glob / 2**20:.2f} MiB | {res_s} |")
 
 
 if __name__ == "__main__":
