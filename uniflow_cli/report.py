@@ -218,10 +218,11 @@ _MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def plot_metric(runs: Sequence[RunEvals], metric: str) -> bytes:
-    """PNG bytes of ``metric`` over rounds: one colour per run, one line style per modality.
+    """PNG bytes of ``metric`` over rounds: one panel per modality, one colour (and legend entry) per run.
 
-    Byte-for-byte deterministic: matplotlib's default style (ignoring the user's matplotlibrc), the
-    Agg canvas without pyplot's global state, a fixed size and dpi, and no "Software" metadata.
+    Panels keep many runs readable (a method comparison has ten); the legend sits to the right of the
+    panels. Byte-for-byte deterministic: matplotlib's default style (ignoring the user's matplotlibrc),
+    the Agg canvas without pyplot's global state, a fixed size and dpi, and no "Software" metadata.
     """
     import matplotlib
     import matplotlib.style
@@ -229,15 +230,16 @@ def plot_metric(runs: Sequence[RunEvals], metric: str) -> bytes:
     from matplotlib.figure import Figure
 
     payloads = [p for r in runs for p in r.rounds.values()]
-    modalities = _modalities(payloads)
+    modalities = _modalities(payloads) or ["(none)"]
     with matplotlib.style.context("default"):
-        fig = Figure(figsize=(6.4, 4.0), dpi=PNG_DPI)
+        width = 1.0 + 3.6 * len(modalities) + (2.6 if len(runs) > 1 else 0.0)
+        fig = Figure(figsize=(width, 3.6), dpi=PNG_DPI)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-        plotted = 0
-        for i, run in enumerate(runs):
-            for j, modality in enumerate(modalities):
+        handles: dict[str, Any] = {}
+        axes = [fig.add_subplot(1, len(modalities), j + 1) for j in range(len(modalities))]
+        for j, (ax, modality) in enumerate(zip(axes, modalities)):
+            for i, run in enumerate(runs):
                 points = [
                     (t, p["metrics"][modality][metric])
                     for t, p in run.rounds.items()
@@ -246,25 +248,27 @@ def plot_metric(runs: Sequence[RunEvals], metric: str) -> bytes:
                 if not points:
                     continue
                 xs, ys = zip(*points)
-                ax.plot(
-                    xs,
-                    ys,
-                    color=colors[i % len(colors)],
-                    linestyle=_LINESTYLES[j % len(_LINESTYLES)],
-                    marker=_MARKERS[j % len(_MARKERS)],
-                    label=f"{run.name} · {modality}",
-                )
-                plotted += 1
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
-        ax.set_title(f"{METRIC_TITLES[metric]} over rounds")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(True, alpha=0.3)
-        if plotted:
-            ax.legend(fontsize="small")
+                (line,) = ax.plot(xs, ys, color=colors[i % len(colors)], linestyle=_LINESTYLES[(i // len(colors)) % len(_LINESTYLES)],
+                                  marker=_MARKERS[i % len(_MARKERS)], label=run.name)
+                handles.setdefault(run.name, line)
+            ax.set_title(modality)
+            ax.set_xlabel("round")
+            if j == 0:
+                ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(True, alpha=0.3)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle(f"{METRIC_TITLES[metric]} over rounds")
+        if handles:
+            if len(runs) > 1:
+                fig.legend(list(handles.values()), list(handles), loc="center right", fontsize="small", frameon=False)
+                fig.tight_layout(rect=(0, 0, 1 - 2.6 / width, 1))
+            else:
+                axes[0].legend(fontsize="small")
+                fig.tight_layout()
         else:
-            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
+            fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
     return buf.getvalue()
