@@ -45,6 +45,15 @@ def _rows(samples: Any, limit: int | None) -> list[dict[str, Any]]:
     return [dict(samples[i]) for i in range(n)]
 
 
+def _check_generation_options(max_new_tokens: int, batch_size: int, limit: int | None) -> None:
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1", fix="use --max-new-tokens 16")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be >= 1", fix="use --batch-size 8")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit} must be >= 1", fix="omit --limit to use every sample")
+
+
 def evaluate_model(
     model: Any,
     datasets_by_modality: Mapping[str, Any],
@@ -73,12 +82,7 @@ def evaluate_model(
     from uniflow_cli.metrics import attach_bertscore, resolve_bertscore_model, summarize, token_accuracy
     from uniflow_cli.models import collate, unwrap
 
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1", fix="use --max-new-tokens 16")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size} must be >= 1", fix="use --batch-size 8")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit {limit} must be >= 1", fix="omit --limit to use every sample")
+    _check_generation_options(max_new_tokens, batch_size, limit)
     resolve_bertscore_model(bertscore_model, bertscore_layers)  # a bad backbone fails before generation
 
     have = set(unwrap(model).modalities)
@@ -251,12 +255,7 @@ def run_evaluate(
 
     status = on_status or (lambda _msg: None)
     notices: list[str] = []
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1", fix="use --max-new-tokens 16")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size} must be >= 1", fix="use --batch-size 8")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit {limit} must be >= 1", fix="omit --limit to use every sample")
+    _check_generation_options(max_new_tokens, batch_size, limit)
     if base and round not in (None, 0):
         raise UsageError(f"--base is round 0, but --round {round} was given", fix="pass either --base or --round T")
     if adapter is not None and (base or round is not None):
