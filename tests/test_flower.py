@@ -28,11 +28,11 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from uniflow_cli.adapters import TENSORS_FILE, read_adapter  # noqa: E402
 from uniflow_cli.cli.app import app  # noqa: E402
-from uniflow_cli.errors import AdapterError, ConfigError  # noqa: E402
+from uniflow_cli.errors import AdapterError, ConfigError, DataError, OutputExistsError  # noqa: E402
 from uniflow_cli.flower.client import run_client_round  # noqa: E402
 from uniflow_cli.flower.records import REPLY_KEY, record_to_tensors, tensors_to_record  # noqa: E402
-from uniflow_cli.flower.server import build_strategy  # noqa: E402
-from uniflow_cli.flower.settings import FlowerRunSettings  # noqa: E402
+from uniflow_cli.flower.server import build_strategy, evaluation_hook, run_server  # noqa: E402
+from uniflow_cli.flower.settings import RUN_CONFIG_KEYS, FlowerRunSettings  # noqa: E402
 from uniflow_cli.workspace import find_workspace  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -69,6 +69,9 @@ def template(tmp_path_factory) -> Path:
         rows = [make_row(id=f"c{k}-{i}", modality="image", question=f"What is {i} plus {k}?", answer=str(i + int(k)), image_bytes=_png(10 * int(k) + i))
                 for i in range(n)]
         rows_to_dataset(rows).save_to_disk(str(ws / "data" / "clients" / k))
+    test_rows = [make_row(id=f"t-{i}", modality="image", question=f"What is {i} plus 1?", answer=str(i + 1), image_bytes=_png(900 + i))
+                 for i in range(3)]
+    rows_to_dataset(test_rows).save_to_disk(str(ws / "data" / "test" / "image"))
     return ws
 
 
@@ -87,8 +90,16 @@ def file_drop(ws: Path, method: str, rounds: int, clients) -> dict[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def fedA2_file_drop(template, tmp_path_factory) -> dict[int, bytes]:
-    return file_drop(copy_of(template, tmp_path_factory.mktemp("drop") / "fed"), "fedA2", 2, SIZES)
+def fedA2_drop_ws(template, tmp_path_factory) -> Path:
+    """The file-drop federation of the 3 clients, 2 rounds of fedA2 (its client drops are kept)."""
+    ws = copy_of(template, tmp_path_factory.mktemp("drop") / "fed")
+    file_drop(ws, "fedA2", 2, SIZES)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def fedA2_file_drop(fedA2_drop_ws) -> dict[int, bytes]:
+    return {t: (fedA2_drop_ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() for t in (1, 2)}
 
 
 # ---------------------------------------------------------------------------------------------- an in-process driver
@@ -136,6 +147,9 @@ def cfg(ws: Path, method: str, rounds: int = 2, **extra) -> dict:
     ({"steps": 2.5}, "steps=2.5 must be an integer"),
     ({"dp": "yes"}, "dp='yes' must be true or false"),
     ({"eval-rounds": "first"}, "eval-rounds entry 'first'"),
+    ({"stages": "two_stage"}, "stages='two_stage'"),
+    ({"stage-by": "epoch"}, "stage-by='epoch'"),
+    ({"eval-rounds": "1,3"}, r"eval-rounds \[3\] outside the run's rounds 1..2"),
     ({"min-train-nodes": 3, "min-available-nodes": 2}, "min-train-nodes=3"),
 ])
 def test_run_config_is_validated(run_config, message):
@@ -213,6 +227,47 @@ def test_dp_publishes_the_noised_global(template, tmp_path):
     assert any(not torch.equal(noised.tensors[k], exact.tensors[k]) for k in exact.tensors)
 
 
+# ---------------------------------------------------------------------------------------------- server-side evaluation
+def test_server_side_evaluation_is_uniflow_evaluate(template, tmp_path):
+    """The ServerApp's evaluate_fn runs the evaluate core on the published global: same metrics as the CLI."""
+    ws = copy_of(template, tmp_path / "fed")
+    config = cfg(ws, "fedA2", rounds=2, **{"eval-rounds": "2", "eval-limit": 2})
+    inner = drive(ws, config, {101: "0", 102: "1"})
+    hook = evaluation_hook(FlowerRunSettings.from_run_config(config), find_workspace(ws), inner)
+    assert hook(0, ArrayRecord()) is None and hook(1, ArrayRecord()) is None  # not a chosen round
+    assert not (ws / "eval").exists()
+    record = hook(2, ArrayRecord())
+    written = json.loads((ws / "eval" / "round-2.json").read_text())
+    run("evaluate", "-w", ws, "--round", 2, "--limit", 2, "--out", tmp_path / "cli.json")
+    by_cli = json.loads((tmp_path / "cli.json").read_text())
+    assert written["metrics"] == by_cli["metrics"] and written["metrics"]["image"]["n"] == 2
+    flat = {f"{m}/{k}": float(v) for m, values in written["metrics"].items() for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert dict(record) == flat and {"image/acc", "image/bert_f1", "overall/acc"} <= set(record)
+
+
+class NoGrid:
+    def __getattr__(self, name):
+        raise AssertionError(f"the run must stop before using the grid ({name})")
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("no-test-split", DataError, "no test split in"),
+    ("eval-exists", OutputExistsError, r"round-2.json already exists"),
+])
+def test_server_side_evaluation_is_checked_before_the_first_round(template, tmp_path, damage, error, message):
+    ws = copy_of(template, tmp_path / "fed")
+    if damage == "no-test-split":
+        shutil.rmtree(ws / "data" / "test")
+    else:
+        (ws / "eval").mkdir()
+        (ws / "eval" / "round-2.json").write_text("{}")
+    with pytest.raises(error, match=message):
+        run_server(NoGrid(), cfg(ws, "fedA2", rounds=2, **{"eval-rounds": "last"}))
+    assert not (ws / "rounds" / "1").exists()
+    if damage == "eval-exists":
+        assert (ws / "eval" / "round-2.json").read_text() == "{}"
+
+
 # ---------------------------------------------------------------------------------------------- the project
 def test_flower_new_writes_the_example_project(template, tmp_path):
     import tomllib
@@ -222,7 +277,9 @@ def test_flower_new_writes_the_example_project(template, tmp_path):
     run("flower", "new", tmp_path / "mine", "--workspace", template, "--method", "fedex", "--rounds", "5")
     config = tomllib.loads((tmp_path / "mine" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config["workspace"] == str(template.resolve()) and config["method"] == "fedex" and config["num-server-rounds"] == 5
-    FlowerRunSettings.from_run_config(config)  # every key the template writes is one the app reads
+    FlowerRunSettings.from_run_config(config)  # every key the template writes is one the app reads ...
+    concrete = {key for key, name in RUN_CONFIG_KEYS.items() if getattr(FlowerRunSettings(), name) is not None}
+    assert concrete <= set(config)  # ... and every key with a fixed default is there to be overridden (--run-config)
     again = runner.invoke(app, ["flower", "new", str(tmp_path / "mine")])
     assert again.exit_code == 1 and "already exists" in again.output
     bad = runner.invoke(app, ["flower", "new", str(tmp_path / "x"), "--method", "fedavg"])
@@ -309,29 +366,47 @@ def test_simulation_matches_the_file_drop_path_and_survives_a_failing_client(tem
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\n')
     ws = copy_of(template, tmp_path / "fed")
     app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
-    text = _flwr_run(env, app_dir, "local", f"workspace='{ws}' steps={STEPS} min-train-nodes=3 min-available-nodes=4", tmp_path / "run.log")
+    text = _flwr_run(env, app_dir, "local", f"workspace='{ws}' steps={STEPS} min-train-nodes=3 min-available-nodes=4 eval-rounds='last' eval-limit=2",
+                     tmp_path / "run.log")
     assert text.count("Received 3 results and 1 failures") == 2, text[-3000:]
     assert "no dataset directory" in text
     for t in (1, 2):
         assert (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == fedA2_file_drop[t]
+    # server-side evaluation after the last round only, by the evaluate core inside the ServerApp
+    assert sorted(p.name for p in (ws / "eval").iterdir()) == ["round-2.json"]
+    assert json.loads((ws / "eval" / "round-2.json").read_text())["metrics"]["image"]["n"] == 2
+    assert "round 2: evaluation written to" in text
 
 
-def test_loopback_deployment(template, tmp_path, flwr_env, fedA2_file_drop):
-    """flower-superlink --insecure + 3 flower-supernodes on 127.0.0.1, then `flwr run . loopback`."""
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, as a crashed machine would: no goodbye to the SuperLink."""
+    for p in [pid, *_children(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_loopback_deployment_survives_a_supernode_killed_mid_round(template, tmp_path, flwr_env, fedA2_drop_ws, fedA2_file_drop):
+    """flower-superlink --insecure + 3 flower-supernodes on 127.0.0.1, then `flwr run . loopback` for 2 rounds.
+    Round 1 equals the file-drop round byte for byte. In round 2 node 2 is SIGKILLed while its ClientApp trains:
+    the SuperLink misses its heartbeats, answers for it with an error, and the round completes with nodes 0 and 1
+    (= min-train-nodes) — equal to `uniflow aggregate` over the same two file-drop clients."""
     env, home, started = flwr_env
     port = _free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def spawn(name, *args):
+    def spawn(name, *args) -> int:
         fh = open(logs / f"{name}.log", "w")
-        started.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=fh, stderr=subprocess.STDOUT).pid)
+        pid = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=fh, stderr=subprocess.STDOUT).pid
+        started.append(pid)
+        return pid
 
     spawn("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation")
-    for k in range(3):
-        spawn(f"supernode-{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-              "--node-config", f"partition-id={k} num-partitions=3")
+    nodes = [spawn(f"supernode-{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                   "--node-config", f"partition-id={k} num-partitions=3") for k in range(3)]
     deadline = time.monotonic() + 60
     while True:  # the SuperLink takes a few seconds to listen; SuperNodes retry on their own
         try:
@@ -342,8 +417,32 @@ def test_loopback_deployment(template, tmp_path, flwr_env, fedA2_file_drop):
             time.sleep(0.5)
     ws = copy_of(template, tmp_path / "fed")
     app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
-    text = _flwr_run(env, app_dir, "loopback", f"workspace='{ws}' steps={STEPS} num-server-rounds=1 min-available-nodes=3", tmp_path / "run.log")
-    assert "Received 3 results and 0 failures" in text, text[-3000:]
+    log = tmp_path / "run.log"
+    with open(log, "w") as fh:
+        run_proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream", "--run-config",
+                                     f"workspace='{ws}' steps={STEPS} num-server-rounds=2 min-train-nodes=2 min-available-nodes=3"],
+                                    env=env, stdout=fh, stderr=subprocess.STDOUT)
+        started.append(run_proc.pid)
+        node_log = logs / "supernode-2.log"
+        deadline = time.monotonic() + 240
+        # node 2 has started its round-2 ClientApp: kill it now, mid-round
+        while node_log.read_text().count("Start `flwr-clientapp` process") < 2:
+            assert run_proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:] + node_log.read_text()[-2000:]
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        _kill_tree(nodes[2])
+        returncode = run_proc.wait(timeout=240)
+    text = log.read_text()
+    assert returncode == 0, text[-3000:]
+    assert "Received 3 results and 0 failures" in text and "Received 2 results and 1 failures" in text, text[-3000:]
+    noticed_after = time.monotonic() - killed_at
+    assert noticed_after < 120, noticed_after  # 2 missed heartbeats of 30 s at most, plus the round's own work
     assert (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes() == fedA2_file_drop[1]
-    meta = json.loads((ws / "rounds" / "1" / "global" / "uniflow.json").read_text())
-    assert meta["extra"]["engine"]["name"] == "flower" and [c["client_id"] for c in meta["extra"]["clients"]] == ["0", "1", "2"]
+    meta = json.loads((ws / "rounds" / "2" / "global" / "uniflow.json").read_text())
+    assert meta["extra"]["engine"]["name"] == "flower" and [c["client_id"] for c in meta["extra"]["clients"]] == ["0", "1"]
+    # the file-drop path fusing the same two round-2 uploads
+    survivors = copy_of(fedA2_drop_ws, tmp_path / "survivors")
+    shutil.rmtree(survivors / "rounds" / "2" / "global")
+    shutil.rmtree(survivors / "rounds" / "2" / "clients" / "2")
+    run("aggregate", "--round", 2, "-w", survivors, "--method", "fedA2")
+    assert (ws / "rounds" / "2" / "global" / TENSORS_FILE).read_bytes() == (survivors / "rounds" / "2" / "global" / TENSORS_FILE).read_bytes()

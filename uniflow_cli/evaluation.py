@@ -24,6 +24,7 @@ from uniflow_cli.errors import (
     AdapterError,
     DataError,
     IncompatibleAdaptersError,
+    OutputExistsError,
     UsageError,
     WorkspaceError,
 )
@@ -198,6 +199,18 @@ def _load_test_splits(ws: Any) -> dict[str, Any]:
     if not names:
         raise DataError(f"no test split in {test_root}", fix="run 'uniflow partition' (it writes data/test/<modality>)")
     return {name: load_split(ws.test_data(name)) for name in names}
+
+
+def check_workspace_evaluation(workspace: Path, rounds: Sequence[int]) -> None:
+    """What evaluating ``rounds`` of a workspace later needs, checked now (before hours of training):
+    a test split, and no earlier eval JSON for those rounds that would have to be overwritten."""
+    from uniflow_cli.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    _load_test_splits(ws)
+    existing = [str(ws.eval_json(t)) for t in sorted(rounds) if ws.eval_json(t).exists()]
+    if existing:
+        raise OutputExistsError(f"evaluation output {', '.join(existing)} already exists", fix="move it away or evaluate other rounds")
 
 
 def _group_by_modality(splits: Sequence[tuple[Path, Any]]) -> dict[str, list[dict[str, Any]]]:

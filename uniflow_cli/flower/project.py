@@ -57,7 +57,12 @@ min-available-nodes = 2
 dp = false                  # Flower's server-side fixed-clipping DP (fedit, fedA2, svd)
 dp-noise-multiplier = 0.1
 dp-clipping-norm = 10.0
+stages = "two-stage"        # two-stage (Eq. 7) | joint | reverse | llm-only | encoder-only
+stage-by = "step"           # step: stage I = the first tau of each round's steps; round: of the rounds
+fraction-train = 1.0        # share of the connected nodes asked to train each round
+round-timeout = 3600.0      # seconds a round waits for replies (a dead node is noticed after 2 missed heartbeats)
 eval-rounds = ""            # "last", "all" or "1,3": uniflow evaluate on the server after those rounds
+eval-limit = 0              # test samples per modality for that evaluation (0 = all)
 """
 
 CONNECTIONS = """\

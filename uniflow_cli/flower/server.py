@@ -74,6 +74,11 @@ def run_server(grid: Any, run_config: Mapping[str, Any]) -> Any:
     settings = FlowerRunSettings.from_run_config(run_config)
     workspace = find_workspace(settings.workspace_path())
     strategy, inner = build_strategy(settings, workspace)
+    wanted = settings.eval_round_set(settings.num_server_rounds)
+    if wanted:  # a missing test split must stop the run now, not after the first round's training
+        from uniflow_cli.evaluation import check_workspace_evaluation
+
+        check_workspace_evaluation(workspace.root, [inner.round_offset + r for r in wanted])
     result = strategy.start(
         grid=grid,
         initial_arrays=tensors_to_record(inner.current.tensors),

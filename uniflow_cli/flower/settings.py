@@ -16,7 +16,7 @@ from typing import Any
 from uniflow_cli.errors import ConfigError
 
 # run-config key → dataclass field
-_KEYS = {
+RUN_CONFIG_KEYS = {
     "workspace": "workspace",
     "preset": "preset",
     "method": "method",
@@ -78,6 +78,13 @@ class FlowerRunSettings:
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
             raise ConfigError(f"num-server-rounds={self.num_server_rounds!r} must be >= 1", fix="set num-server-rounds = 2")
+        from uniflow_cli.training import STAGE_BY, STAGE_PLANS  # (no torch at import)
+
+        if self.stages not in STAGE_PLANS or self.stage_by not in STAGE_BY:
+            raise ConfigError(
+                f"stages={self.stages!r}, stage-by={self.stage_by!r}",
+                fix=f"use stages = one of {', '.join(STAGE_PLANS)} and stage-by = {' or '.join(STAGE_BY)}",
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train={self.fraction_train!r} must be in (0, 1]", fix="set fraction-train = 1.0")
         if self.min_train_nodes < 1 or self.min_available_nodes < self.min_train_nodes:
@@ -99,13 +106,13 @@ class FlowerRunSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerRunSettings:
-        unknown = sorted(set(run_config) - set(_KEYS))
+        unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
         if unknown:
-            raise ConfigError(f"unknown run-config key(s) {unknown}", fix=f"use only: {', '.join(sorted(_KEYS))}")
+            raise ConfigError(f"unknown run-config key(s) {unknown}", fix=f"use only: {', '.join(sorted(RUN_CONFIG_KEYS))}")
         types = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
-            name = _KEYS[key]
+            name = RUN_CONFIG_KEYS[key]
             kind = str(types[name])
             if isinstance(value, bool) and "bool" not in kind:
                 raise ConfigError(f"run-config {key}={value!r} is not a {kind.split(' |')[0]}", fix=f"set {key} to a number/string")
@@ -142,4 +149,10 @@ class FlowerRunSettings:
                 rounds.add(int(part))
             except ValueError:
                 raise ConfigError(f"eval-rounds entry {part.strip()!r} is not a round number", fix="use eval-rounds = 'last', 'all' or '1,3'") from None
+        outside = sorted(r for r in rounds if not 1 <= r <= total)
+        if outside:
+            raise ConfigError(
+                f"eval-rounds {outside} outside the run's rounds 1..{total} (num-server-rounds={total})",
+                fix=f"name rounds of this run, e.g. eval-rounds = '{total}' (before any training: uniflow evaluate --base)",
+            )
         return rounds
