@@ -11,6 +11,7 @@
 #   STEPS=12  BATCH=4  LR=1e-3  DATASETS="easy-vqa spoken-qa"  TRAIN_PER_CLIENT=64  TEST_PER_MODALITY=32
 #   SCHEME=iid  ALPHA=0.5  SEED=0  JOBS=1 (clients trained in parallel)  EVAL_EVERY=0 (1: evaluate every round)
 #   EVAL_LIMIT=32  MAX_NEW_TOKENS=8  STAGES=two-stage  UNIFLOW=uniflow
+#   PERSONAL_EVAL=1 for fedsa (also evaluate each client's personalised model: global A + its private B)
 set -euo pipefail
 
 WS=${WS:-fed}
@@ -35,6 +36,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-32}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-8}
 STAGES=${STAGES:-two-stage}
 UNIFLOW=${UNIFLOW:-uniflow}
+if [ "$METHOD" = fedsa ]; then PERSONAL_EVAL=${PERSONAL_EVAL:-1}; else PERSONAL_EVAL=0; fi
 
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
@@ -66,8 +68,19 @@ for r in $(seq 1 "$ROUNDS"); do
   if [ "$EVAL_EVERY" = 1 ] || [ "$r" = "$ROUNDS" ]; then
     say "round $r: evaluate"
     $UNIFLOW evaluate --round "$r" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+    if [ "$PERSONAL_EVAL" = 1 ]; then
+      for k in $clients; do  # right after the round: a client's private B is overwritten by its next round
+        say "round $r: evaluate client $k's personalised model"
+        $UNIFLOW evaluate --round "$r" --client "$k" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+      done
+    fi
   fi
 done
 
 say "report"
-$UNIFLOW report "$WS" --out "$WS/report" --names "${RUN_NAME:-$METHOD ($STAGES)}" --force
+name=${RUN_NAME:-$METHOD ($STAGES)}
+runs=("$WS") names="$name"
+if [ "$PERSONAL_EVAL" = 1 ]; then
+  for k in $clients; do runs+=("$WS/eval/clients/$k"); names="$names,$name client $k"; done
+fi
+$UNIFLOW report "${runs[@]}" --out "$WS/report" --names "$names" --force

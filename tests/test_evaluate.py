@@ -193,6 +193,57 @@ def test_flora_earlier_rounds_are_merged_and_fedsa_has_a_notice(base_ws, trained
     assert any("fedsa" in n and "B = 0" in n for n in fedsa.notices)
 
 
+def _fedsa_round(ws: Workspace, trained, t: int = 1, *, client: str = "0", state_round: int | None = None, b=None):
+    """A fedsa global of round t (the trained A + shared tensors, no B) and client's private B in state/."""
+    only_a = {k: v for k, v in trained[1].items() if ".lora_B." not in k}
+    own_b = b if b is not None else {k: v for k, v in trained[1].items() if ".lora_B." in k}
+    _publish(ws, t, trained[0], only_a, method="fedsa")
+    meta = AdapterMeta(role="client", client_id=client, round=state_round or t, method="fedsa", base_fingerprint=unwrap_fingerprint())
+    write_adapter(ws.client_state(client), peft_config=trained[0], tensors=own_b, meta=meta, force=True)
+
+
+def test_fedsa_personalised_model_is_global_A_plus_the_clients_B(base_ws, trained, trained_acc, tmp_path):
+    """A + the client's own B is the trained adapter itself: the same Acc as evaluating it directly."""
+    ws = _copy(base_ws, tmp_path)
+    _fedsa_round(ws, trained)
+    result = _cli("--round", 1, "--client", 0, "--workspace", ws.root, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    payload = read_eval_json(ws.client_eval_json("0", 1))
+    assert payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc)
+    assert payload["adapter"]["client"] == "0" and payload["adapter"]["private_state"] == str(ws.client_state("0"))
+    assert "client 0's personalised model" in result.output and not ws.eval_json(1).exists()
+    shared_only = run_evaluate(workspace=ws.root, round=1, max_new_tokens=8)  # the global alone: B = 0
+    assert shared_only.payload["metrics"]["text"]["acc"] < trained_acc
+    report = runner.invoke(app, ["report", str(ws.root / "eval" / "clients" / "0"), "--names", "client 0", "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    assert "client 0" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("not-fedsa", "round 1 is a fedit global; only fedsa keeps a client-private part"),
+    ("no-state", "client 7 has no private state in"),
+    ("stale-state", "is from round 2, not round 1"),
+    ("other-rank", "client 0's B has rank 2, the global A rank 4"),
+    ("with-base", "cannot be combined with --base"),
+])
+def test_fedsa_personalised_model_bad_cases(base_ws, trained, tmp_path, case, match):
+    ws = _copy(base_ws, tmp_path)
+    client, args = "0", ["--round", 1]
+    if case == "not-fedsa":
+        _publish(ws, 1, *trained, method="fedit")
+    elif case == "no-state":
+        _fedsa_round(ws, trained)
+        client = "7"
+    elif case == "stale-state":
+        _fedsa_round(ws, trained, state_round=2)
+    elif case == "other-rank":
+        _fedsa_round(ws, trained, b={k: v[:, :2].contiguous() for k, v in trained[1].items() if ".lora_B." in k})
+    else:
+        args = ["--base"]
+    _assert_one_line_error(_cli(*args, "--client", client, "--workspace", ws.root), match)
+    assert not (ws.root / "eval").exists()
+
+
 def test_add_to_base_changes_exactly_the_named_weight(base_ws):
     model = load_model(SETTINGS, LORA, 0)
     key = "llm.model.layers.0.self_attn.q_proj.weight"

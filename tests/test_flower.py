@@ -387,34 +387,59 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+class Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, each logging to ``logs/<name>.log``; every PID is recorded for teardown."""
+
+    def __init__(self, env, started: list[int], logs: Path):
+        self.env, self.started, self.logs = env, started, logs
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.superlink_args = ["--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        logs.mkdir()
+
+    def supernode_args(self, k: int) -> list[str]:
+        return ["--superlink", self.address, "--port", str(_free_port()), "--node-config", f"partition-id={k} num-partitions=3"]
+
+    def spawn(self, name: str, *args: str) -> int:
+        fh = open(self.logs / f"{name}.log", "w")
+        pid = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=fh, stderr=subprocess.STDOUT).pid
+        self.started.append(pid)
+        return pid
+
+    def wait_listening(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:  # the SuperLink takes a few seconds to listen; SuperNodes retry on their own
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, (self.logs / "superlink.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+
+def _survivors_global(drop_ws: Path, dst: Path, t: int, gone: str) -> bytes:
+    """What the file-drop path publishes for round ``t`` without client ``gone``'s upload."""
+    ws = copy_of(drop_ws, dst)
+    shutil.rmtree(ws / "rounds" / str(t) / "global")
+    shutil.rmtree(ws / "rounds" / str(t) / "clients" / gone)
+    for later in ws.joinpath("rounds").iterdir():
+        if later.name.isdigit() and int(later.name) > t:
+            shutil.rmtree(later)
+    run("aggregate", "--round", t, "-w", ws, "--method", "fedA2")
+    return (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes()
+
+
 def test_loopback_deployment_survives_a_supernode_killed_mid_round(template, tmp_path, flwr_env, fedA2_drop_ws, fedA2_file_drop):
     """flower-superlink --insecure + 3 flower-supernodes on 127.0.0.1, then `flwr run . loopback` for 2 rounds.
     Round 1 equals the file-drop round byte for byte. In round 2 node 2 is SIGKILLed while its ClientApp trains:
     the SuperLink misses its heartbeats, answers for it with an error, and the round completes with nodes 0 and 1
     (= min-train-nodes) — equal to `uniflow aggregate` over the same two file-drop clients."""
     env, home, started = flwr_env
-    port = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def spawn(name, *args) -> int:
-        fh = open(logs / f"{name}.log", "w")
-        pid = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=fh, stderr=subprocess.STDOUT).pid
-        started.append(pid)
-        return pid
-
-    spawn("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation")
-    nodes = [spawn(f"supernode-{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-                   "--node-config", f"partition-id={k} num-partitions=3") for k in range(3)]
-    deadline = time.monotonic() + 60
-    while True:  # the SuperLink takes a few seconds to listen; SuperNodes retry on their own
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, (logs / "superlink.log").read_text()[-2000:]
-            time.sleep(0.5)
+    link = Deployment(env, started, tmp_path / "logs")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "{link.address}"\ninsecure = true\n')
+    link.spawn("superlink", "flower-superlink", "--insecure", *link.superlink_args)
+    nodes = [link.spawn(f"supernode-{k}", "flower-supernode", "--insecure", *link.supernode_args(k)) for k in range(3)]
+    link.wait_listening()
     ws = copy_of(template, tmp_path / "fed")
     app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
     log = tmp_path / "run.log"
@@ -423,7 +448,7 @@ def test_loopback_deployment_survives_a_supernode_killed_mid_round(template, tmp
                                      f"workspace='{ws}' steps={STEPS} num-server-rounds=2 min-train-nodes=2 min-available-nodes=3"],
                                     env=env, stdout=fh, stderr=subprocess.STDOUT)
         started.append(run_proc.pid)
-        node_log = logs / "supernode-2.log"
+        node_log = link.logs / "supernode-2.log"
         deadline = time.monotonic() + 240
         # node 2 has started its round-2 ClientApp: kill it now, mid-round
         while node_log.read_text().count("Start `flwr-clientapp` process") < 2:
@@ -441,8 +466,77 @@ def test_loopback_deployment_survives_a_supernode_killed_mid_round(template, tmp
     meta = json.loads((ws / "rounds" / "2" / "global" / "uniflow.json").read_text())
     assert meta["extra"]["engine"]["name"] == "flower" and [c["client_id"] for c in meta["extra"]["clients"]] == ["0", "1"]
     # the file-drop path fusing the same two round-2 uploads
-    survivors = copy_of(fedA2_drop_ws, tmp_path / "survivors")
-    shutil.rmtree(survivors / "rounds" / "2" / "global")
-    shutil.rmtree(survivors / "rounds" / "2" / "clients" / "2")
-    run("aggregate", "--round", 2, "-w", survivors, "--method", "fedA2")
-    assert (ws / "rounds" / "2" / "global" / TENSORS_FILE).read_bytes() == (survivors / "rounds" / "2" / "global" / TENSORS_FILE).read_bytes()
+    assert (ws / "rounds" / "2" / "global" / TENSORS_FILE).read_bytes() == _survivors_global(fedA2_drop_ws, tmp_path / "survivors", 2, gone="2")
+
+
+def _tls_files(where: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it: (ca.crt, server.pem, server.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "uniflow test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(2)
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    files = (where / "ca.crt", where / "server.pem", where / "server.key")
+    files[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return files
+
+
+def _node_key(where: Path, name: str) -> tuple[Path, Path]:
+    """What `ssh-keygen -t ecdsa -b 384 -N "" -f <name>` writes: (private key, public key .pub)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = where / name, where / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
+def test_tls_deployment_with_supernode_authentication(template, tmp_path, flwr_env, fedA2_drop_ws):
+    """The documented secure setup on 127.0.0.1: TLS everywhere and `--enable-supernode-auth`. Nodes 0 and 1 are
+    registered with `flwr supernode register`; a third node with an unregistered key is refused and never trains."""
+    env, home, started = flwr_env
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    ca, cert, key = _tls_files(secrets)
+    link = Deployment(env, started, tmp_path / "logs")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "{link.address}"\nroot-certificates = "{ca}"\n')
+    link.spawn("superlink", "flower-superlink", "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+               "--enable-supernode-auth", *link.superlink_args)
+    link.wait_listening()
+    keys = [_node_key(secrets, f"node_{k}") for k in range(3)]
+    for k in (0, 1):  # node 2 stays unregistered
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys[k][1]), "secure"], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for k in range(3):
+        link.spawn(f"supernode-{k}", "flower-supernode", "--root-certificates", str(ca), "--auth-supernode-private-key", str(keys[k][0]),
+                   *link.supernode_args(k))
+    ws = copy_of(template, tmp_path / "fed")
+    app_dir = shutil.copytree(REPO / "examples" / "flower", tmp_path / "app")
+    text = _flwr_run(env, app_dir, "secure", f"workspace='{ws}' steps={STEPS} num-server-rounds=1 min-train-nodes=2 min-available-nodes=2",
+                     tmp_path / "run.log")
+    assert "Received 2 results and 0 failures" in text, text[-3000:]
+    meta = json.loads((ws / "rounds" / "1" / "global" / "uniflow.json").read_text())
+    assert [c["client_id"] for c in meta["extra"]["clients"]] == ["0", "1"]
+    assert (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes() == _survivors_global(fedA2_drop_ws, tmp_path / "survivors", 1, gone="2")
+    intruder = (link.logs / "supernode-2.log").read_text()
+    assert "Failed to activate SuperNode" in intruder and "Start `flwr-clientapp` process" not in intruder, intruder[-2000:]
+    superlink = (link.logs / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink and f"Uvicorn running on https://{link.address}" in superlink

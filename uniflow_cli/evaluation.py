@@ -213,6 +213,56 @@ def check_workspace_evaluation(workspace: Path, rounds: Sequence[int]) -> None:
         raise OutputExistsError(f"evaluation output {', '.join(existing)} already exists", fix="move it away or evaluate other rounds")
 
 
+def _personalised(ws: Any, global_: Any, t: int, client: str) -> Any:
+    """FedSA: round ``t``'s global (A + shared tensors) with ``client``'s private B of the same round."""
+    from uniflow_cli.adapters import LoadedAdapter, lora_modules, read_adapter
+
+    method = global_.meta.method if global_.meta is not None else None
+    if method != "fedsa":
+        raise UsageError(
+            f"--client {client}: round {t} is a {method or 'untrained'} global; only fedsa keeps a client-private part (B), "
+            "for every other method the global is each client's model",
+            fix="drop --client",
+        )
+    state = ws.client_state(client)
+    if not (state / "uniflow.json").is_file():
+        raise WorkspaceError(
+            f"client {client} has no private state in {state}",
+            fix="pick a client that trained with fedsa in this workspace (with Flower: evaluate on the node that holds it)",
+        )
+    private = read_adapter(state)
+    r = private.meta.round if private.meta is not None else None
+    if r != t:
+        raise WorkspaceError(
+            f"client {client}'s private B in {state} is from round {r}, not round {t} (it is overwritten every round)",
+            fix=f"evaluate --round {r} --client {client} (once rounds/{r}/global is published)" if r is not None else "re-train that client",
+        )
+    theirs, ours = (private.meta.base_fingerprint if private.meta else None), global_.meta.base_fingerprint
+    if theirs is not None and ours is not None and theirs != ours:
+        raise IncompatibleAdaptersError(
+            f"client {client}'s private B in {state} was trained on base {theirs}, round {t}'s global on {ours}",
+            fix="both must come from the same federation; re-train the client",
+        )
+    shared_modules, _ = lora_modules(global_.tensors.keys())
+    own_B = {k: v for k, v in private.tensors.items() if k.endswith(".lora_B.weight")}
+    private_modules, _ = lora_modules(own_B.keys())
+    if set(private_modules) != set(shared_modules):
+        missing = sorted(set(shared_modules) ^ set(private_modules))
+        raise AdapterError(
+            f"client {client}'s private B in {state} and round {t}'s global cover different LoRA modules (e.g. {missing[0]})",
+            fix="both must come from the same federation; re-train the client",
+        )
+    for module, (a_key, _b) in shared_modules.items():
+        b_key = private_modules[module][1]
+        if a_key is not None and own_B[b_key].shape[1] != global_.tensors[a_key].shape[0]:
+            raise AdapterError(
+                f"{module}: client {client}'s B has rank {own_B[b_key].shape[1]}, the global A rank {global_.tensors[a_key].shape[0]}",
+                fix="both must come from the same federation; re-train the client",
+            )
+    return LoadedAdapter(path=global_.path, peft_config=global_.peft_config, tensors={**global_.tensors, **own_B},
+                         meta=global_.meta, residual=global_.residual)
+
+
 def _group_by_modality(splits: Sequence[tuple[Path, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Explicit --data dirs may mix modalities (a client shard): group their rows by the modality column."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -247,6 +297,7 @@ def run_evaluate(
     limit: int | None = None,
     bertscore_model: Path | None = None,
     bertscore_layers: int | None = None,
+    client: str | None = None,
     on_batch: OnBatch | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> EvalResult:
@@ -256,7 +307,9 @@ def run_evaluate(
     published round; ``round=0`` or ``base`` = the untrained model) on every ``data/test/<modality>``
     and write ``eval/round-<T>.json`` (or ``out``). Explicit mode (``data`` given): evaluate ``adapter``
     (or, with ``base``, the untrained model) on the given split directories with model settings from
-    the workspace's uniflow.toml or ``preset``; writes ``out`` (required).
+    the workspace's uniflow.toml or ``preset``; writes ``out`` (required). ``client`` (workspace mode, FedSA):
+    the personalised model of that client — round T's global A and shared tensors with the client's private
+    B from ``state/clients/<k>`` (it must be the B of round T) — written to ``eval/clients/<k>/round-<T>.json``.
     """
     from uniflow_cli.adapters import read_adapter
     from uniflow_cli.atomic import check_writable_target
@@ -284,6 +337,12 @@ def run_evaluate(
         raise UsageError("--round selects a workspace round and cannot be combined with --data", fix="use --adapter rounds/<T>/global --data DIR")
     if explicit and out is None:
         raise UsageError("explicit mode (--data) needs --out FILE for the eval JSON", fix="add --out eval.json")
+    if client is not None and (explicit or base):
+        raise UsageError(
+            f"--client {client} evaluates a client's personalised model of a workspace round; it cannot be combined with "
+            f"{'--base' if base else '--adapter/--data'}",
+            fix="pass --round T --client K inside the workspace",
+        )
     bs_dir, bs_layers = resolve_bertscore_model(bertscore_model, bertscore_layers)
     bs_name = DEFAULT_BERTSCORE_MODEL if bertscore_model is None else str(bs_dir)
 
@@ -325,8 +384,10 @@ def run_evaluate(
                 f"round {t} needs the globals of rounds 1..{t - 1} (their residuals/merges), but round(s) {missing} are missing",
                 fix="restore the missing rounds/<t>/global directories",
             )
+        if client is not None:
+            final = _personalised(ws, final, t, str(client))
         samples_by_modality = _load_test_splits(ws)
-        out_path = Path(out) if out is not None else ws.eval_json(t)
+        out_path = Path(out) if out is not None else (ws.client_eval_json(client, t) if client is not None else ws.eval_json(t))
         source = str(ws.data_dir / "test")
     check_writable_target(out_path, force=force)  # before the expensive work
 
@@ -351,7 +412,9 @@ def run_evaluate(
             f"{method} adapter of round {t} given explicitly: earlier rounds' residuals/merges are unknown and not applied; "
             "evaluate inside the workspace (--round) for the exact model"
         )
-    if method == "fedsa":
+    if method == "fedsa" and client is not None:
+        notices.append(f"client {client}'s personalised model: round {t}'s global A and shared tensors + its private B ({ws.client_state(client)})")  # type: ignore[union-attr]
+    elif method == "fedsa":
         notices.append(
             f"round {t} is a fedsa global: it carries A and the shared tensors but no B (each client keeps its own B), "
             "so it is evaluated with B = 0, i.e. the base behaviour in the LoRA layers"
@@ -397,6 +460,7 @@ def run_evaluate(
             "path": str(final.path) if final is not None else None,
             "method": method,
             "base_fingerprint": fingerprint,
+            **({"client": str(client), "private_state": str(ws.client_state(client))} if client is not None else {}),  # type: ignore[union-attr]
         },
         config={
             "max_new_tokens": max_new_tokens,

@@ -10,7 +10,8 @@ else the nearest parent of the current directory holding ``uniflow.toml``. Layou
       rounds/<t>/global/              what the server published for round t (round 0 = initial adapter)
       rounds/<t>/clients/<k>/         what client k dropped for round t
       state/clients/<k>/              client-private state that never leaves the client (FedSA's B)
-      eval/round-<t>.json
+      eval/round-<t>.json             uniflow evaluate of rounds/<t>/global
+      eval/clients/<k>/round-<t>.json FedSA: client k's personalised model (global A + its private B)
 
 Round numbering: clients train on ``rounds/t/global`` and drop into ``rounds/t+1/clients/<k>``; the
 server fuses ``rounds/t+1/clients/*`` into ``rounds/t+1/global``.
@@ -142,6 +143,10 @@ class Workspace:
 
     def eval_json(self, t: int) -> Path:
         return self.root / "eval" / f"round-{t}.json"
+
+    def client_eval_json(self, client: int | str, t: int) -> Path:
+        """A client's personalised model (FedSA: global A + its private B) evaluated at round ``t``."""
+        return self.root / "eval" / "clients" / str(client) / f"round-{t}.json"
 
     def rounds(self) -> list[int]:
         """All round numbers that have a directory, ascending."""

@@ -21,6 +21,9 @@ EPILOG = """[bold]Examples[/bold]
   [dim]# explicit paths: an adapter on one or more splits, model settings from a preset[/dim]
   uniflow evaluate --adapter rounds/5/global --data data/test/image --data data/test/audio --preset smol --out eval.json
 
+  [dim]# FedSA: client 0's personalised model of round 3 (writes eval/clients/0/round-3.json)[/dim]
+  uniflow evaluate --round 3 --client 0
+
   [dim]# quick look: 20 samples per modality, short answers[/dim]
   uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json
 
@@ -53,6 +56,10 @@ def evaluate(
     ] = None,
     bertscore_layers: Annotated[
         Optional[int], typer.Option("--bertscore-layers", min=1, help="BERTScore layer (default: 6 for the embedded model, else the last).", show_default=False)
+    ] = None,
+    client: Annotated[
+        Optional[str],
+        typer.Option("--client", "-c", help="FedSA: client K's personalised model (the global A + its private B of that round).", show_default=False),
     ] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
@@ -92,6 +99,7 @@ def evaluate(
             limit=limit,
             bertscore_model=bertscore_model,
             bertscore_layers=bertscore_layers,
+            client=client,
             on_batch=lambda done, total, phase: progress.update(task, description=phase, completed=done, total=total),
             on_status=lambda message: progress.update(task, description=message),
         )
@@ -100,6 +108,8 @@ def evaluate(
 
     metrics = result.payload["metrics"]
     what = result.payload["adapter"]["path"] or "untrained base"
+    if client is not None:
+        what = f"{what} + client {client}'s private B"
     for modality, values in metrics.items():
         table = Table(title=f"{modality} · round {result.round} (%)", title_justify="left")
         for key in METRIC_KEYS:
