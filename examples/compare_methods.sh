@@ -7,7 +7,8 @@
 #
 # Every run starts from a copy of the same base workspace (same round-0 adapter, same shards, same base
 # evaluation); "image" runs use only the image clients, "audio" only the audio clients, "both" all of them.
-# Test sets of both modalities are evaluated in every run, as in the paper's tables.
+# Test sets of both modalities are evaluated in every run, as in the paper's tables. fedsa runs also evaluate
+# every client's personalised model (global A + its private B; rows "fedsa-… client k").
 set -euo pipefail
 
 OUT=${OUT:-runs}
@@ -70,10 +71,23 @@ for setting in $SETTINGS; do
       done
       $UNIFLOW evaluate --round "$ROUNDS" -w "$run" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
       echo "$(( $(date +%s) - start ))" > "$run/wall_seconds.txt"
+      if [ "$method" = fedsa ]; then  # FedSA's models are personalised: the global A + each client's private B
+        for k in $clients; do
+          $UNIFLOW evaluate --round "$ROUNDS" --client "$k" -w "$run" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+        done
+      fi
     done
   done
-  runs=$(ls -d "$OUT/$setting"/*/ | sort)
-  $UNIFLOW report $runs --out "$OUT/$setting/report" --force
+  runs=() names=""
+  for run in $(ls -d "$OUT/$setting"/*/ | sort); do
+    run=${run%/}
+    [ "$(basename "$run")" = report ] && continue
+    runs+=("$run") names="$names,$(basename "$run")"
+    for personal in $(ls -d "$run"/eval/clients/*/ 2>/dev/null | sort -V); do
+      runs+=("${personal%/}") names="$names,$(basename "$run") client $(basename "$personal")"
+    done
+  done
+  $UNIFLOW report "${runs[@]}" --names "${names#,}" --out "$OUT/$setting/report" --force
 done
 $PYTHON "$(dirname "$0")/compare_summary.py" "$OUT" > "$OUT/results.md"
 say "wrote $OUT/results.md"

@@ -54,7 +54,7 @@ def _fedit(x: LayerInputs) -> LayerOutput:
 def _ffa(x: LayerInputs) -> LayerOutput:
     # A is frozen at its initial value on every client; core.validate checked that it really is.
     A = x.start_A if x.start_A is not None else x.As[0]
-    return LayerOutput(A.to(linalg.work_dtype(A)), linalg.weighted_average(x.Bs, x.weights))
+    return LayerOutput(A.to(linalg.work_dtype(A)).clone(), linalg.weighted_average(x.Bs, x.weights))
 
 
 def _fedsa(x: LayerInputs) -> LayerOutput:
