@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,9 +29,9 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from uniflow_cli.adapters import TENSORS_FILE, read_adapter  # noqa: E402
 from uniflow_cli.cli.app import app  # noqa: E402
-from uniflow_cli.errors import AdapterError, ConfigError, DataError, OutputExistsError  # noqa: E402
+from uniflow_cli.errors import AdapterError, ConfigError, DataError, OutputExistsError, UniflowError  # noqa: E402
 from uniflow_cli.flower.client import run_client_round  # noqa: E402
-from uniflow_cli.flower.records import REPLY_KEY, record_to_tensors, tensors_to_record  # noqa: E402
+from uniflow_cli.flower.records import HISTORY_KEY, REPLY_KEY, record_to_tensors, tensors_to_record  # noqa: E402
 from uniflow_cli.flower.server import build_strategy, evaluation_hook, run_server  # noqa: E402
 from uniflow_cli.flower.settings import RUN_CONFIG_KEYS, FlowerRunSettings  # noqa: E402
 from uniflow_cli.workspace import find_workspace  # noqa: E402
@@ -113,20 +114,34 @@ class FakeGrid:
         return self.nodes
 
 
-def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), tamper=None):
-    """Run the strategy and the ClientApp's round function in this process, message by message."""
+def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), tamper=None, before_round=None, log=None):
+    """Run the strategy and the ClientApp's round function in this process, message by message.
+
+    A UniflowError raised by the ClientApp becomes an error reply, as Flower makes it. ``log`` (a list)
+    receives (round, node, earlier-global rounds whose arrays came with the message, error or None).
+    """
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     settings = FlowerRunSettings.from_run_config(run_config)
     strategy, inner = build_strategy(settings, find_workspace(ws))
     arrays = tensors_to_record(inner.current.tensors)
     for server_round in range(1, settings.num_server_rounds + 1):
+        if before_round is not None:
+            before_round(server_round)
         replies = []
         for msg in strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(partitions)):
             node = msg.metadata.dst_node_id
-            if node in fail:
-                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=msg))
+            sent = sorted({int(k.split("/")[0]) for k in msg.content.array_records[HISTORY_KEY].keys()}) if HISTORY_KEY in msg.content.array_records else []
+            error = "ClientApp raised" if node in fail else None
+            if error is None:
+                try:
+                    content = run_client_round(msg.content, run_config, {"partition-id": partitions[node]})
+                except UniflowError as exc:
+                    error = str(exc)
+            if log is not None:
+                log.append((server_round, node, sent, error))
+            if error is not None:
+                replies.append(Message(Error(code=0, reason=error), reply_to=msg))
                 continue
-            content = run_client_round(msg.content, run_config, {"partition-id": partitions[node]})
             if tamper is not None:
                 tamper(node, content)
             replies.append(Message(content=content, reply_to=msg))
@@ -182,16 +197,54 @@ def test_records_round_trip_exactly_and_refuse_other_dtypes():
 # ---------------------------------------------------------------------------------------------- byte identity, in process
 @pytest.mark.parametrize("method", ["fedsa", "fedex", "flora", "ffa"])
 def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
-    """Two rounds, two clients: fedsa's private B, fedex's residual history, flora's merge history, ffa's frozen A."""
+    """Three rounds, two clients: fedsa's private B, fedex's residual history, flora's merge history, ffa's frozen A."""
     clients = {"0": 4, "1": 5}
-    expected = file_drop(copy_of(template, tmp_path / "drop"), method, 2, clients)
+    expected = file_drop(copy_of(template, tmp_path / "drop"), method, 3, clients)
     ws = copy_of(template, tmp_path / "flower")
-    drive(ws, cfg(ws, method), {101: "0", 102: "1"})
-    for t in (1, 2):
+    log = []
+    drive(ws, cfg(ws, method, rounds=3), {101: "0", 102: "1"}, log=log)
+    for t in (1, 2, 3):
         assert (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == expected[t], f"{method} round {t}"
+    sent = sorted((r, node, rounds) for r, node, rounds, error in log)
+    if method in ("fedex", "flora"):  # each earlier global reaches a node once; round 3 reuses round 1's from the node's cache
+        assert sent == [(1, 101, []), (1, 102, []), (2, 101, [1]), (2, 102, [1]), (3, 101, [2]), (3, 102, [2])]
+        cached = read_adapter(ws / "state" / "flower" / "0" / "globals" / "1")
+        published = read_adapter(ws / "rounds" / "1" / "global")
+        assert cached.tensors.keys() == published.tensors.keys() and all(torch.equal(cached.tensors[k], published.tensors[k]) for k in published.tensors)
+        assert (cached.residual is None) == (method == "flora")
+    else:
+        assert all(rounds == [] for _, _, rounds in sent)
     if method == "fedsa":  # B stayed on the node and never entered the global
         assert all(k.endswith("lora_B.weight") for k in read_adapter(ws / "state" / "clients" / "0").tensors)
         assert not any(k.endswith("lora_B.weight") for k in read_adapter(ws / "rounds" / "2" / "global").tensors)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("wiped", r"the global of round 1 came neither with the message nor is it in this node's cache .*state/flower/1/globals/1"),
+    ("other-global", r"globals/1 holds another global of round 1 than the server's"),
+])
+def test_a_node_that_lost_its_copies_of_earlier_globals_gets_them_again(template, tmp_path, damage, message):
+    """fedex: before round 3, client 1's copy of round 1's global is lost (or replaced by another): its ClientApp
+    refuses to train on a wrong base (one error reply naming the copy), round 3 fuses client 0, and round 4 sends
+    node 102 every earlier global again, after which it trains."""
+    ws = copy_of(template, tmp_path / "fed")
+    cache = ws / "state" / "flower" / "1" / "globals"
+
+    def lose_round_1(server_round):
+        if server_round == 3:
+            shutil.rmtree(cache / "1")
+            if damage == "other-global":  # e.g. a copy left from another federation in the same place
+                shutil.copytree(ws / "rounds" / "2" / "global", cache / "1")
+
+    log = []
+    inner = drive(ws, cfg(ws, "fedex", rounds=4, **{"min-train-nodes": 1}), {101: "0", 102: "1"}, before_round=lose_round_1, log=log)
+    by = {(r, node): (rounds, error) for r, node, rounds, error in log}
+    assert by[(3, 102)][0] == [2] and re.search(message, by[(3, 102)][1]), by[(3, 102)]
+    assert by[(3, 101)] == ([2], None)
+    assert by[(4, 102)] == ([1, 2, 3], None) and by[(4, 101)] == ([3], None)
+    assert inner.published == [1, 2, 3, 4]
+    assert [c["client_id"] for c in read_adapter(ws / "rounds" / "3" / "global").meta.extra["clients"]] == ["0"]
+    assert [c["client_id"] for c in read_adapter(ws / "rounds" / "4" / "global").meta.extra["clients"]] == ["0", "1"]
 
 
 # ---------------------------------------------------------------------------------------------- faults, in process

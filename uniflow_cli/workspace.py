@@ -10,6 +10,7 @@ else the nearest parent of the current directory holding ``uniflow.toml``. Layou
       rounds/<t>/global/              what the server published for round t (round 0 = initial adapter)
       rounds/<t>/clients/<k>/         what client k dropped for round t
       state/clients/<k>/              client-private state that never leaves the client (FedSA's B)
+      state/flower/<k>/globals/<t>/   a Flower node's copies of earlier globals (fedex/flora fold them)
       eval/round-<t>.json             uniflow evaluate of rounds/<t>/global
       eval/clients/<k>/round-<t>.json FedSA: client k's personalised model (global A + its private B)
 
@@ -140,6 +141,10 @@ class Workspace:
 
     def client_state(self, client: int | str) -> Path:
         return self.root / "state" / "clients" / str(client)
+
+    def flower_globals(self, client: int | str) -> Path:
+        """A Flower node's copies of the earlier globals it folds into its base (fedex, flora): ``<dir>/<t>``."""
+        return self.root / "state" / "flower" / str(client) / "globals"
 
     def eval_json(self, t: int) -> Path:
         return self.root / "eval" / f"round-{t}.json"

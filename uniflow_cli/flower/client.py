@@ -13,8 +13,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from uniflow_cli.errors import ConfigError, UsageError
-from uniflow_cli.flower.records import HISTORY_KEY, REPLY_KEY, decode_global, tensors_to_record
+from uniflow_cli.errors import AdapterError, ConfigError, UsageError
+from uniflow_cli.flower.records import HISTORY_KEY, REPLY_KEY, ReceivedGlobal, decode_global, tensors_to_record
 from uniflow_cli.flower.settings import FlowerRunSettings
 
 
@@ -42,6 +42,42 @@ def train_config_for(settings: FlowerRunSettings, workspace: Any) -> Any:
     )
 
 
+def node_history(ws: Any, client: str, received: ReceivedGlobal) -> list[tuple[int, Any]]:
+    """Every earlier global the header names, from the message or from this node's cache.
+
+    fedex folds every published residual into the base, flora every published global, so a node needs
+    all of them each round. The server sends each one to a node only until the node has confirmed it
+    (``history-rounds`` in the reply); the node keeps them in ``state/flower/<k>/globals/<t>`` (uniflow's
+    adapter format, sha256-checked on read) and checks the server's identity of each before use.
+    """
+    from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
+
+    cache = ws.flower_globals(client)
+    history = []
+    for r, (peft_config, ident) in sorted(received.history.items()):
+        where = cache / str(r)
+        if r in received.sent:
+            adapter = received.sent[r]
+            meta = AdapterMeta(role="global", round=r, method=received.method, base_fingerprint=received.start.meta.base_fingerprint if received.start.meta else None,
+                               extra={"flower": {"id": ident}})
+            write_adapter(where, peft_config=peft_config, tensors=adapter.tensors, meta=meta, residual=adapter.residual, force=True)
+        else:
+            if not (where / "uniflow.json").is_file():
+                raise AdapterError(
+                    f"the global of round {r} came neither with the message nor is it in this node's cache {where}",
+                    fix="none needed on this node: the server sends that global again in the next round",
+                )
+            adapter = read_adapter(where)
+            cached = (adapter.meta.extra.get("flower") or {}).get("id") if adapter.meta is not None else None
+            if cached != ident:
+                raise AdapterError(
+                    f"{where} holds another global of round {r} than the server's (sha256 {str(cached)[:12]}… vs {ident[:12]}…)",
+                    fix="none needed on this node: the server sends that global again in the next round",
+                )
+        history.append((r, adapter))
+    return history
+
+
 def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """Train this node's shard from the global in ``content``; return the reply's RecordDict."""
     from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
@@ -56,7 +92,9 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
     config = content.config_records.get("config", ConfigRecord())
     if "arrays" not in content.array_records:
         raise UsageError("the train message carries no 'arrays' record", fix="run uniflow's ServerApp")
-    start, history, t, method = decode_global(config, content.array_records["arrays"], content.array_records.get(HISTORY_KEY))
+    received = decode_global(config, content.array_records["arrays"], content.array_records.get(HISTORY_KEY))
+    start, t, method = received.start, received.round, received.method
+    history = node_history(ws, client, received)
     model_settings = _model_settings(ws, None)
     if settings.preset and model_settings.preset != settings.preset:
         raise ConfigError(f"run-config preset={settings.preset!r} but {ws.config_path} uses {model_settings.preset!r}", fix="make them agree (or set preset = '')")
@@ -91,6 +129,7 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
             "peft-config": json.dumps(result.peft_config, sort_keys=True),
             "modalities": json.dumps(result.meta.modalities),
             "steps": stats.steps,
+            "history-rounds": json.dumps(sorted(received.history)),  # now in this node's cache: not sent again
         }
     )
     return RecordDict({"arrays": tensors_to_record(result.shared), "metrics": metrics, REPLY_KEY: reply})

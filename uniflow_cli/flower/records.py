@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -44,8 +45,24 @@ def record_to_tensors(record: ArrayRecord, *, where: str = "message") -> dict[st
     return out
 
 
+def history_id(adapter: LoadedAdapter, round_: int) -> str:
+    """The identity of a published global as the server wrote it: the sha256 of its tensors (and residual) file.
+
+    A node compares it with the copy in its cache; it never recomputes it, so nodes need not serialise
+    byte-identically to the server (another safetensors version) for the cache to work.
+    """
+    meta = adapter.meta
+    if meta is None or not meta.sha256:
+        raise AdapterError(f"the global of round {round_} carries no sha256 in its uniflow.json", fix="re-publish it with uniflow aggregate")
+    return f"{meta.sha256}/{meta.residual_sha256 or '-'}"
+
+
 def global_header(adapter: LoadedAdapter, *, round_: int, method: str, history: Sequence[tuple[int, LoadedAdapter]] = ()) -> str:
-    """What a client needs besides the arrays to rebuild the global exactly (JSON for a ConfigRecord)."""
+    """What a client needs besides the arrays to rebuild the global exactly (JSON for a ConfigRecord).
+
+    ``history`` names every earlier global the client folds into its base (fedex, flora) with its
+    identity; the arrays of only those the node does not hold yet travel in the history record.
+    """
     meta = adapter.meta
     return json.dumps(
         {
@@ -53,37 +70,50 @@ def global_header(adapter: LoadedAdapter, *, round_: int, method: str, history: 
             "method": method,
             "base_fingerprint": meta.base_fingerprint if meta is not None else None,
             "peft_config": adapter.peft_config,
-            "history": {str(r): h.peft_config for r, h in history},
+            "history": {str(r): {"peft_config": h.peft_config, "id": history_id(h, r)} for r, h in history},
         },
         sort_keys=True,
     )
 
 
-def history_record(history: Sequence[tuple[int, LoadedAdapter]], method: str) -> ArrayRecord | None:
-    """fedex: every earlier residual; flora: every earlier (merged-into-base) global. Else nothing."""
+def history_record(history: Sequence[tuple[int, LoadedAdapter]]) -> ArrayRecord | None:
+    """Whole earlier globals (LoRA tensors + fedex's residual) under ``<round>/lora/`` and ``<round>/residual/``."""
     payload: dict[str, Any] = {}
     for r, adapter in history:
-        if method == "fedex" and adapter.residual:
-            payload.update({f"{r}/residual/{k}": v for k, v in adapter.residual.items()})
-        elif method == "flora":
-            payload.update({f"{r}/lora/{k}": v for k, v in adapter.tensors.items()})
+        payload.update({f"{r}/lora/{k}": v for k, v in adapter.tensors.items()})
+        payload.update({f"{r}/residual/{k}": v for k, v in (adapter.residual or {}).items()})
     return tensors_to_record(payload) if payload else None
 
 
-def decode_global(config: ConfigRecord, arrays: ArrayRecord, history: ArrayRecord | None) -> tuple[LoadedAdapter, list[tuple[int, LoadedAdapter]], int, str]:
-    """The inverse of the server's encoding: (global adapter, history, its round t, method)."""
+@dataclass
+class ReceivedGlobal:
+    """A train message decoded: the global to start from, and the earlier globals the header names."""
+
+    start: LoadedAdapter
+    round: int
+    method: str
+    history: dict[int, tuple[dict[str, Any], str]]  # round → (peft config, identity): all a client must fold
+    sent: dict[int, LoadedAdapter]  # round → the earlier globals whose arrays came with this message
+
+
+def decode_global(config: ConfigRecord, arrays: ArrayRecord, history: ArrayRecord | None) -> ReceivedGlobal:
+    """The inverse of the server's encoding."""
     if HEADER_KEY not in config:
         raise AdapterError(f"the train message has no {HEADER_KEY!r} config entry", fix="run the ServerApp of uniflow (uniflow_cli.flower.server_app)")
     header = json.loads(str(config[HEADER_KEY]))
     meta = AdapterMeta(role="global", base_fingerprint=header["base_fingerprint"], round=int(header["round"]), method=header["method"])
     start = LoadedAdapter(None, dict(header["peft_config"]), record_to_tensors(arrays, where="global"), meta)
-    rounds: dict[int, dict[str, dict[str, Any]]] = {}
+    named = {int(r): (dict(entry["peft_config"]), str(entry["id"])) for r, entry in header["history"].items()}
+    parts: dict[int, dict[str, dict[str, Any]]] = {}
     if history is not None:
         for key, tensor in record_to_tensors(history, where="history").items():
             r, kind, name = key.split("/", 2)
-            rounds.setdefault(int(r), {"residual": {}, "lora": {}})[kind][name] = tensor
-    past = []
-    for r in sorted(int(k) for k in header["history"]):
-        parts = rounds.get(r, {"residual": {}, "lora": {}})
-        past.append((r, LoadedAdapter(None, dict(header["history"][str(r)]), parts["lora"], None, parts["residual"] or None)))
-    return start, past, int(header["round"]), str(header["method"])
+            parts.setdefault(int(r), {"lora": {}, "residual": {}})[kind][name] = tensor
+    unnamed = sorted(set(parts) - set(named))
+    if unnamed:
+        raise AdapterError(f"the train message carries arrays of round(s) {unnamed} that its header does not name", fix="run the ServerApp of uniflow")
+    sent = {}
+    for r, got in parts.items():
+        global_meta = AdapterMeta(role="global", base_fingerprint=header["base_fingerprint"], round=r, method=header["method"])
+        sent[r] = LoadedAdapter(None, named[r][0], got["lora"], global_meta, got["residual"] or None)
+    return ReceivedGlobal(start, int(header["round"]), str(header["method"]), named, sent)

@@ -6,7 +6,8 @@ reads a round's drops in), fuses them with :func:`uniflow_cli.aggregation.aggreg
 result as ``rounds/<t>/global`` of the server's workspace — the same adapter format as the file-drop path.
 
 ``configure_train`` only adds what the arrays alone cannot say: the global's metadata (round, method,
-base fingerprint, PEFT config) and, for fedex/flora, the earlier globals that clients fold into their base.
+base fingerprint, PEFT config) and, for fedex/flora, the earlier globals that clients fold into their base
+(to each node only those it has not confirmed holding in an earlier reply).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore import log
 
-from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, write_adapter
+from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, open_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.errors import UniflowError
 from uniflow_cli.flower.records import HEADER_KEY, HISTORY_KEY, REPLY_KEY, global_header, history_record, record_to_tensors, tensors_to_record
@@ -65,6 +66,7 @@ class UniflowFedAvg(FedAvg):
         self.pending: tuple[int, AggregationResult, AdapterMeta] | None = None
         self.published: list[int] = []
         self.rejected: dict[int, list[str]] = {}
+        self.node_history: dict[int, set[int]] = {}  # node id → earlier globals (rounds) it confirmed holding
 
     def summary(self) -> None:
         log(INFO, "\t├──> uniflow: method %s, lambda %s, ridge %s, weighting %s", self.options.method, self.options.lambda_, self.options.ridge, self.weighting)
@@ -80,11 +82,22 @@ class UniflowFedAvg(FedAvg):
         # What the clients actually receive is the start of this round (a DP wrapper may have noised it).
         self.current = LoadedAdapter(self.current.path, self.current.peft_config, record_to_tensors(arrays, where="global"), self.current.meta, self.current.residual)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        extra = history_record(history, self.options.method)
-        if extra is not None:
-            for message in messages:
-                message.content[HISTORY_KEY] = extra
-        return messages
+        # Each node gets the arrays of only the earlier globals it has not confirmed holding: a fedex
+        # residual (dense, d_out × d_in per layer) crosses the wire once per node, not once per round.
+        # FedAvg's messages share one RecordDict: a node's own part needs a content of its own.
+        records: dict[tuple[int, ...], ArrayRecord | None] = {}
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            missing = tuple(r for r, _ in history if r not in self.node_history.get(node, set()))
+            if missing not in records:
+                records[missing] = history_record([(r, h) for r, h in history if r in missing])
+            if records[missing] is not None:
+                content = RecordDict(dict(message.content.items()))
+                content[HISTORY_KEY] = records[missing]
+                message = Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
+            out.append(message)
+        return out
 
     # ------------------------------------------------------------------------------------------ fusing
     def _reject_reason(self, msg: Message) -> str | None:
@@ -102,7 +115,9 @@ class UniflowFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t = self.round_offset + server_round
-        valid, _errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        for msg in errors:  # whatever the node held may be gone (a restart, a wiped disk): resend it all
+            self.node_history.pop(msg.metadata.src_node_id, None)
         accepted: dict[str, Message] = {}
         rejected = []
         for msg in valid:
@@ -112,10 +127,12 @@ class UniflowFedAvg(FedAvg):
             if reason is None and client in accepted:
                 reason = f"client id {client!r} already replied (two nodes share a partition-id)"
             if reason is not None:
+                self.node_history.pop(node, None)
                 log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", t, node, client, reason)
                 rejected.append(f"node {node}: {reason}")
                 continue
             accepted[client] = msg
+            self.node_history[node] = set(json.loads(str(msg.content.config_records[REPLY_KEY].get("history-rounds", "[]"))))
         self.rejected[t] = rejected
         if len(accepted) < self.min_train_nodes:
             log(WARNING, "round %d: %d usable replies, fewer than min-train-nodes=%d: the global is not updated", t, len(accepted), self.min_train_nodes)
@@ -167,7 +184,8 @@ class UniflowFedAvg(FedAvg):
         t, result, meta = self.pending
         tensors = record_to_tensors(arrays, where="global")
         out = write_adapter(self.workspace.global_dir(t), peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual)
-        self.current = LoadedAdapter(out, result.peft_config, tensors, meta, result.residual)
+        written = open_adapter(out, verify=False).meta  # with the sha256s: the global's identity for the nodes' caches
+        self.current = LoadedAdapter(out, result.peft_config, tensors, written, result.residual)
         self.history.append((t, self.current))
         self.published.append(t)
         self.pending = None
