@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from uniflow_cli.adapters import META_FILE, TENSORS_FILE, open_adapter, read_adapter
+from uniflow_cli.adapters import META_FILE, TENSORS_FILE, read_adapter
 from uniflow_cli.cli.app import app
 from tests.lora_factory import MODULES, PREFIX, delta, lora_tensors, peft_config, write_client, write_plain_peft
 

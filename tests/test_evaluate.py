@@ -20,7 +20,7 @@ from uniflow_cli.errors import DataError, IncompatibleAdaptersError, OutputExist
 from uniflow_cli.evaluation import evaluate_model, run_evaluate
 from uniflow_cli.models.lora import add_to_base, lora_deltas
 from uniflow_cli.evaluation_io import read_eval_json
-from uniflow_cli.models import ModelSettings, adapter_tensors, collate, load_model, peft_config_dict, unwrap
+from uniflow_cli.models import ModelSettings, adapter_tensors, collate, load_model, peft_config_dict
 from uniflow_cli.models.workspace_init import init_workspace
 from uniflow_cli.workspace import LoraSettings, Workspace
 

@@ -11,7 +11,7 @@ from uniflow_cli.adapters import read_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.models import ModelSettings, load_model, model_from_adapter
 from uniflow_cli.models.workspace_init import settings_from_config
-from uniflow_cli.workspace import LoraSettings, find_workspace
+from uniflow_cli.workspace import find_workspace
 
 runner = CliRunner()
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniflow_cli.adapters import AdapterMeta, AdapterReader, open_adapter, scan_adapter_dirs, write_adapter
+from uniflow_cli.adapters import AdapterMeta, AdapterReader, open_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.atomic import check_writable_target, write_file_atomic
 from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UsageError, WorkspaceError
-from uniflow_cli.workspace import AggregateSettings, Workspace, find_workspace
+from uniflow_cli.workspace import AggregateSettings, find_workspace
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("examples", "uniform")

@@ -304,7 +304,6 @@ def run_local_train(
 
     explicit = global_dir is not None or data_dir is not None or out is not None
     ws = find_workspace(workspace, required=not explicit)
-    folded: list[int] = []
     if explicit:
         missing = [flag for flag, v in (("--global", global_dir), ("--data", data_dir), ("--out", out)) if v is None]
         if missing:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uniflow_cli.cli.options import ForceOpt, SeedOpt, WorkspaceOpt
+from uniflow_cli.cli.options import ForceOpt, WorkspaceOpt
 
 EPILOG = """[bold]Examples[/bold]
 
