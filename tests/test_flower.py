@@ -202,7 +202,8 @@ def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
     expected = file_drop(copy_of(template, tmp_path / "drop"), method, 3, clients)
     ws = copy_of(template, tmp_path / "flower")
     log = []
-    drive(ws, cfg(ws, method, rounds=3), {101: "0", 102: "1"}, log=log)
+    inner = drive(ws, cfg(ws, method, rounds=3), {101: "0", 102: "1"}, log=log)
+    assert [r for r, _ in inner.history] == [1, 2, 3] and all(not h.tensors and h.residual is None for _, h in inner.history)  # read when sent, not held
     for t in (1, 2, 3):
         assert (ws / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == expected[t], f"{method} round {t}"
     sent = sorted((r, node, rounds) for r, node, rounds, error in log)

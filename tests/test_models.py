@@ -321,6 +321,79 @@ def test_custom_preset_loads_local_hf_dirs(tmp_path):
         build_base(bad)
 
 
+def _save_vit(path: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14)).save_pretrained(path)
+
+
+def _save_clip(path: Path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    text = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64, "projection_dim": 8}
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "image_size": 28, "patch_size": 14, "projection_dim": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}))
+
+
+def _save_siglip(path: Path) -> None:
+    from transformers import SiglipConfig, SiglipModel
+
+    text = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64}
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "image_size": 28, "patch_size": 14}
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(path)
+
+
+_WAVEFORM = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "conv_dim": (8, 8), "conv_stride": (5, 4),
+             "conv_kernel": (10, 4), "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "do_stable_layer_norm": False}
+
+
+def _save_waveform(path: Path, kind: str) -> None:
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    model = Wav2Vec2Model(Wav2Vec2Config(**_WAVEFORM)) if kind == "wav2vec2" else HubertModel(HubertConfig(**_WAVEFORM))
+    model.save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("modality", "family", "has_cls"),
+    [("image", "vit", True), ("image", "clip", True), ("image", "siglip", False), ("audio", "wav2vec2", False), ("audio", "hubert", False)],
+)
+def test_custom_encoder_families_train(tmp_path, modality, family, has_cls):
+    """Every encoder family the custom preset names (tiny random weights): it loads from a local dir, the default
+    encoder targets put LoRA into it, a stage-I step gives finite gradients to its LoRA and the projector."""
+    from uniflow_cli.models import tiny
+    from uniflow_cli.models.encoders import load_audio_dir, load_vision_dir
+
+    llm_dir, enc_dir = tmp_path / "llm", tmp_path / family
+    tiny.build_llm().save_pretrained(llm_dir)
+    tiny.build_tokenizer().save_pretrained(llm_dir)
+    {"vit": _save_vit, "clip": _save_clip, "siglip": _save_siglip}.get(family, lambda p: _save_waveform(p, family))(enc_dir)
+    if modality == "image":
+        encoder = load_vision_dir(enc_dir, image_size=42)
+        assert encoder.has_cls is has_cls and not hasattr(encoder.model, "text_model")  # dual encoders: the vision tower only
+        if family == "clip":
+            assert encoder.mean == (0.48, 0.46, 0.41)  # the dir's preprocessor config, not ImageNet's
+        hidden, lengths, cls = encoder.encode(encoder.preprocess([_image(0), _image(1)]))
+        assert hidden.shape[:2] == (2, 9 + has_cls) and lengths.tolist() == [9 + has_cls] * 2  # 42 px / 14 = 3×3 patches (+ CLS)
+    else:
+        encoder = load_audio_dir(enc_dir, max_seconds=2.0)
+        hidden, lengths, cls = encoder.encode(encoder.preprocess([{"bytes": _wav(0.5), "path": None}, {"bytes": _wav(1.5), "path": None}]))
+        assert lengths[0] < lengths[1] == hidden.shape[1]  # the short clip's padding is masked out of pooling
+    settings = ModelSettings(preset="custom", llm=str(llm_dir), modalities=[modality], image_size=42, audio_max_seconds=2.0,
+                             **{f"{modality}_encoder": str(enc_dir)})
+    m = load_model(settings, LoraSettings(r=2), seed=0)
+    wrapped = sorted(n.split(".lora_A")[0].rsplit(".", 1)[1] for n, _ in m.named_parameters() if f"encoders.{modality}." in n and "lora_A" in n)
+    assert wrapped in (["k_proj", "q_proj", "v_proj"], ["key", "query", "value"]), wrapped  # the one layer's attention, by the default targets
+    set_trainable_stage(m, "encoder")
+    loss = m(collate([s for s in SAMPLES if s["modality"] == modality], m)).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(f"encoders.{modality}." in n and "lora_B" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache: checksums, rebuild, missing packages
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flwr.supercore import log
 from uniflow_cli.errors import ConfigError, UsageError
 from uniflow_cli.flower.records import tensors_to_record
 from uniflow_cli.flower.settings import DP_METHODS, FlowerRunSettings
-from uniflow_cli.flower.strategy import UniflowFedAvg, UniflowServerSideDP
+from uniflow_cli.flower.strategy import UniflowFedAvg, UniflowServerSideDP, header_only
 
 
 def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, UniflowFedAvg]:
@@ -33,7 +33,7 @@ def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, Un
     start = read_adapter(workspace.global_dir(t0))
     if start.meta is not None and start.meta.role != "global":
         raise UsageError(f"{workspace.global_dir(t0)} is a {start.meta.role} adapter", fix="re-publish the global")
-    history = [(r, read_adapter(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if options.method in ("fedex", "flora") else []
+    history = [(r, header_only(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if options.method in ("fedex", "flora") else []
     inner = UniflowFedAvg(
         workspace=workspace, options=options, start=start, round_offset=t0, history=history, weighting=chosen.weighting,
         fraction_train=settings.fraction_train, min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any
 
@@ -22,10 +23,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore import log
 
-from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, open_adapter, write_adapter
+from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, open_adapter, read_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.errors import UniflowError
 from uniflow_cli.flower.records import HEADER_KEY, HISTORY_KEY, REPLY_KEY, global_header, history_record, record_to_tensors, tensors_to_record
+
+
+def header_only(path: Path) -> LoadedAdapter:
+    """A published global's config and metadata (with its sha256s) without its tensors: a history entry.
+
+    FedEx's residual is dense (432 MiB a round for smol); the strategy reads an earlier global's tensors only
+    while it builds a message for a node that lacks it, instead of holding every round in memory.
+    """
+    reader = open_adapter(path, verify=False)
+    return LoadedAdapter(reader.path, reader.peft_config, {}, reader.meta)
 
 
 def _order(client_id: str) -> str:
@@ -38,7 +49,8 @@ class UniflowFedAvg(FedAvg):
 
     ``start`` is the global the first Flower round starts from (``rounds/<round_offset>/global``);
     Flower's round r publishes ``rounds/<round_offset + r>/global``. ``history`` holds the published
-    globals of rounds 1..round_offset (fedex/flora clients fold them into their base).
+    globals of rounds 1..round_offset (fedex/flora clients fold them into their base) as :func:`header_only`
+    entries; their tensors are read from the workspace when a node needs them.
     """
 
     def __init__(
@@ -91,7 +103,7 @@ class UniflowFedAvg(FedAvg):
             node = message.metadata.dst_node_id
             missing = tuple(r for r, _ in history if r not in self.node_history.get(node, set()))
             if missing not in records:
-                records[missing] = history_record([(r, h) for r, h in history if r in missing])
+                records[missing] = history_record([(r, read_adapter(h.path)) for r, h in history if r in missing])
             if records[missing] is not None:
                 content = RecordDict(dict(message.content.items()))
                 content[HISTORY_KEY] = records[missing]
@@ -184,9 +196,9 @@ class UniflowFedAvg(FedAvg):
         t, result, meta = self.pending
         tensors = record_to_tensors(arrays, where="global")
         out = write_adapter(self.workspace.global_dir(t), peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual)
-        written = open_adapter(out, verify=False).meta  # with the sha256s: the global's identity for the nodes' caches
-        self.current = LoadedAdapter(out, result.peft_config, tensors, written, result.residual)
-        self.history.append((t, self.current))
+        entry = header_only(out)  # with the sha256s: the global's identity for the nodes' copies
+        self.current = LoadedAdapter(out, result.peft_config, tensors, entry.meta, result.residual)
+        self.history.append((t, entry))
         self.published.append(t)
         self.pending = None
         log(INFO, "round %d: published %s", t, out)
