@@ -263,6 +263,10 @@ def test_wrong_base_reply_is_rejected_and_the_round_proceeds(template, tmp_path,
     assert [c["client_id"] for c in meta.extra["clients"]] == ["0", "1"]
     assert "trained on base another-base-012" in meta.extra["engine"]["rejected"][0]
     assert "rejected the reply of node 103" in caplog.text
+    (ws / "data" / "partition.json").write_text(json.dumps({"clients": [{"id": k} for k in SIZES]}))  # as uniflow partition writes it
+    status = json.loads(run("status", "-w", ws, "--json").output)["rounds"][1]  # Flower carried the uploads: no drops here
+    assert (status["engine"], status["dropped"], status["clients"], status["missing"]) == ("flower", [], ["0", "1"], ["2"])
+    assert "flower: 0, 1" in run("status", "-w", ws).output
 
 
 def test_below_the_minimum_nothing_is_published(template, tmp_path):

@@ -208,9 +208,13 @@ def workspace_status(ws: Workspace) -> dict[str, Any]:
                 meta = None
             if meta is not None:
                 entry["method"] = meta.method
-                entry["clients"] = [c.get("client_id") for c in meta.extra.get("clients", [])]
+                entry["clients"] = [str(c.get("client_id")) for c in meta.extra.get("clients", [])]
                 summary = meta.extra.get("aggregation", {})
                 entry["rel_error_mean"] = summary.get("rel_error_mean")
+                entry["engine"] = (meta.extra.get("engine") or {}).get("name", "file-drop")
+                if entry["engine"] == "flower" and not entry.get("dropped"):
+                    # Flower carried the uploads (nothing was dropped here): missing = not fused into the global.
+                    entry["missing"] = [c for c in expected if c not in entry["clients"]]
         eval_path = ws.eval_json(t)
         if eval_path.is_file():
             try:

@@ -1,4 +1,4 @@
-"""``uniflow status``: the state of a file-drop federation."""
+"""``uniflow status``: the state of a federation's workspace (file drop, or rounds run under Flower)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def status(
         glob = "published" if r["published"] else ("[yellow]aggregating[/yellow]" if r.get("locked") else "-")
         table.add_row(
             str(r["round"]), glob, str(r.get("method") or "-"),
-            ", ".join(r.get("dropped", [])) or "-",
+            ", ".join(r.get("dropped", [])) or (f"flower: {', '.join(r.get('clients', []))}" if r.get("engine") == "flower" else "-"),
             ", ".join(f"{i['client']}" for i in r.get("invalid", [])) or "-",
             ", ".join(r.get("missing", [])) or "-",
             "; ".join(shown) or "-",
