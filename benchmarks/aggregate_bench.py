@@ -80,7 +80,7 @@ def idle_rss() -> int:
 
 
 def core_vs_dense(clients: int, rank: int, dim: int, repeats: int = 5) -> dict[str, float]:
-    """FedA²'s factored core vs the dense formula on one layer (best of ``repeats`` — of 10×``repeats`` for the core —, seconds).
+    """FedA²'s factored core vs the dense formula on one layer (best of ``repeats`` — of 40×``repeats`` for the core —, seconds).
 
     Two dense baselines: the paper's Algorithm 1 taken literally (U = Σ_k w_k B_k A_k summed client by
     client, then U Āᵀ (ĀĀᵀ)⁻¹), and the same with U from one stacked matrix product (its fastest form).
@@ -108,7 +108,7 @@ def core_vs_dense(clients: int, rank: int, dim: int, repeats: int = 5) -> dict[s
         fn()  # warm-up
         best = float("inf")
         # The factored core takes ~1 ms: scheduler noise on a 2-core box hits it hardest, so it gets more tries.
-        for _ in range(repeats * 10 if name == "factored" else repeats):
+        for _ in range(repeats * 40 if name == "factored" else repeats):
             t0 = time.perf_counter()
             outputs[name] = fn()
             best = min(best, time.perf_counter() - t0)
@@ -125,7 +125,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="CLI runs per method (the fastest is reported)")
+    parser.add_argument("--core-only", action="store_true", help="only FedA²'s core vs the dense formula (seconds, no files)")
     args = parser.parse_args()
+    if args.core_only:
+        print_core(args)
+        return
     with tempfile.TemporaryDirectory(prefix="uniflow-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -154,11 +158,16 @@ def main() -> None:
             extra = (rss - base_rss) / one_client
             err_s = "-" if err is None else f"{err:.3e}"
             print(f"| {method} | {seconds:.2f} | {seconds / fedit_time:.2f} | {rss / 2**20:.0f} | {extra:.2f} | {err_s} | {tb / 2**20:.1f} | {rb / 2**20:.1f} |")
-        c = core_vs_dense(args.clients, args.rank, args.dim)
-        print(f"\nFedA²-LoRA core on one {args.dim}×{args.dim} layer, K = {args.clients}, r = {args.rank} (best of 50 / 5): "
-              f"factored {c['factored'] * 1e3:.2f} ms; dense formula, Algorithm 1 literally {c['dense_loop'] * 1e3:.0f} ms "
-              f"({c['dense_loop'] / c['factored']:.0f}× slower); dense with one stacked product {c['dense_stacked'] * 1e3:.0f} ms "
-              f"({c['dense_stacked'] / c['factored']:.0f}× slower); relative difference {c['rel_diff']:.1e}")
+        print()
+        print_core(args)
+
+
+def print_core(args: argparse.Namespace) -> None:
+    c = core_vs_dense(args.clients, args.rank, args.dim)
+    print(f"FedA²-LoRA core on one {args.dim}×{args.dim} layer, K = {args.clients}, r = {args.rank} (best of 200 / 5): "
+          f"factored {c['factored'] * 1e3:.2f} ms; dense formula, Algorithm 1 literally {c['dense_loop'] * 1e3:.0f} ms "
+          f"({c['dense_loop'] / c['factored']:.0f}× slower); dense with one stacked product {c['dense_stacked'] * 1e3:.0f} ms "
+          f"({c['dense_stacked'] / c['factored']:.0f}× slower); relative difference {c['rel_diff']:.1e}")
 
 
 if __name__ == "__main__":
