@@ -148,6 +148,19 @@ def test_rouge_l_hand_computed() -> None:
     assert rouge_l(["the cat", "x"], ["the cat sat on the mat", "y"]) == pytest.approx((0.5 + 0.0) / 2)
 
 
+def test_rouge_l_leaves_the_root_logger_alone() -> None:
+    """rouge-score logs through absl, which would install a root handler: every library log line (Flower's,
+    on a server that evaluates) would then print twice. A fresh process, since it happens on first use."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from uniflow_cli.metrics import rouge_l; rouge_l(['the cat'], ['the cat sat']); "
+            "print(len(logging.root.handlers))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+
+
 # --------------------------------------------------------------------------------------------------
 # summarize
 # --------------------------------------------------------------------------------------------------

@@ -187,10 +187,19 @@ def _rouge_scorer() -> Any:
 
 def rouge_l_per_sample(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
     """ROUGE-L F-measure (0–1) of each prediction against its reference (rouge-score, Porter stemming)."""
+    import logging
+
     _check_pairs(preds, refs, "rouge_l")
-    scorer = _rouge_scorer()
-    # rouge-score's signature is score(target, prediction).
-    return [float(scorer.score(r, p)["rougeL"].fmeasure) for p, r in zip(preds, refs)]
+    # rouge-score logs through absl, which calls logging.basicConfig() when the root logger has no handler:
+    # from then on every library logger (Flower's on the server, say) would print each line twice.
+    root_handlers = list(logging.root.handlers)
+    try:
+        scorer = _rouge_scorer()
+        # rouge-score's signature is score(target, prediction).
+        return [float(scorer.score(r, p)["rougeL"].fmeasure) for p, r in zip(preds, refs)]
+    finally:
+        for handler in [h for h in logging.root.handlers if h not in root_handlers]:
+            logging.root.removeHandler(handler)
 
 
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
