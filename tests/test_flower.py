@@ -114,7 +114,7 @@ class FakeGrid:
         return self.nodes
 
 
-def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), tamper=None, before_round=None, log=None):
+def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), tamper=None, before_round=None, log=None, node_workspaces=None):
     """Run the strategy and the ClientApp's round function in this process, message by message.
 
     A UniflowError raised by the ClientApp becomes an error reply, as Flower makes it. ``log`` (a list)
@@ -134,7 +134,8 @@ def drive(ws: Path, run_config: dict, partitions: dict[int, str], *, fail=(), ta
             error = "ClientApp raised" if node in fail else None
             if error is None:
                 try:
-                    content = run_client_round(msg.content, run_config, {"partition-id": partitions[node]})
+                    node_config = {"partition-id": partitions[node], **({"workspace": str(node_workspaces[node])} if node_workspaces else {})}
+                    content = run_client_round(msg.content, run_config, node_config)
                 except UniflowError as exc:
                     error = str(exc)
             if log is not None:
@@ -218,6 +219,27 @@ def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
     if method == "fedsa":  # B stayed on the node and never entered the global
         assert all(k.endswith("lora_B.weight") for k in read_adapter(ws / "state" / "clients" / "0").tensors)
         assert not any(k.endswith("lora_B.weight") for k in read_adapter(ws / "rounds" / "2" / "global").tensors)
+
+
+def test_nodes_with_their_own_workspace_need_only_the_config_and_their_shard(template, tmp_path):
+    """--node-config "workspace=..." on every node: a directory with uniflow.toml and data/clients/<k> only. fedex over
+    3 rounds gives the same globals as nodes sharing the server's workspace, the nodes' copies of earlier globals stay
+    in their own directories, and nothing of a node is written into the server's workspace."""
+    shared = copy_of(template, tmp_path / "shared")
+    drive(shared, cfg(shared, "fedex", rounds=3), {101: "0", 102: "1"})
+    server = copy_of(template, tmp_path / "server")
+    nodes = {}
+    for node, k in ((101, "0"), (102, "1")):
+        own = tmp_path / f"node-{k}"
+        shutil.copytree(template / "data" / "clients" / k, own / "data" / "clients" / k)
+        shutil.copy(template / "uniflow.toml", own / "uniflow.toml")
+        nodes[node] = own
+    drive(server, cfg(server, "fedex", rounds=3), {101: "0", 102: "1"}, node_workspaces=nodes)
+    for t in (1, 2, 3):
+        assert (server / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes() == (shared / "rounds" / str(t) / "global" / TENSORS_FILE).read_bytes()
+    assert not (server / "state").exists()
+    assert sorted(p.name for p in (nodes[102] / "state" / "flower" / "1" / "globals").iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in nodes[101].iterdir()) == ["data", "state", "uniflow.toml"]  # no rounds/, no other client
 
 
 @pytest.mark.parametrize("damage, message", [
