@@ -348,6 +348,19 @@ def test_server_side_evaluation_is_checked_before_the_first_round(template, tmp_
         assert (ws / "eval" / "round-2.json").read_text() == "{}"
 
 
+def test_a_bad_run_config_stops_the_server_app_with_one_clear_line(template, tmp_path, caplog):
+    from flwr.app import Context
+
+    from uniflow_cli.flower.server_app import main
+
+    ws = copy_of(template, tmp_path / "fed")
+    context = Context(run_id=1, node_id=0, node_config={}, state=None, run_config={"workspace": str(ws), "method": "fedavg"})
+    with caplog.at_level("ERROR"), pytest.raises(UniflowError, match="unknown method 'fedavg'"):
+        main(NoGrid(), context)
+    assert "uniflow: unknown method 'fedavg'. Fix: use one of fedit, ffa, fedsa, fedex, fedA2, svd, flora" in caplog.text
+    assert not (ws / "rounds" / "1").exists()
+
+
 # ---------------------------------------------------------------------------------------------- the project
 def test_flower_new_writes_the_example_project(template, tmp_path):
     import tomllib

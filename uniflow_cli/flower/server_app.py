@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from logging import ERROR
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from uniflow_cli.errors import UniflowError
     from uniflow_cli.flower.server import run_server
 
-    run_server(grid, context.run_config)
+    try:
+        run_server(grid, context.run_config)
+    except UniflowError as exc:
+        # Flower prints the traceback and marks the run finished:failed; this is the line to read.
+        log(ERROR, "uniflow: %s", exc)
+        raise
