@@ -114,7 +114,10 @@ def test_rerun_of_a_published_round_is_a_no_op_that_reports_late_drops(ws):
     before = (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes()
     # A late client: its drop lands after the round closed (only possible by writing the drop by hand,
     # since local-train refuses to train for a closed round).
-    shutil.copytree(ws / "rounds" / "1" / "clients" / "0", ws / "rounds" / "1" / "clients" / "5")
+    late = ws / "rounds" / "1" / "clients" / "5"
+    shutil.copytree(ws / "rounds" / "1" / "clients" / "0", late)
+    meta = json.loads((late / "uniflow.json").read_text())
+    (late / "uniflow.json").write_text(json.dumps({**meta, "client_id": "5"}))  # a drop names its own client
     result = run("aggregate", "--round", "1", "-w", ws)
     assert result.exit_code == 0 and "already published" in result.output and "late drops" in result.output
     assert (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes() == before

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.atomic import publish_dir
-from uniflow_cli.errors import AdapterError
+from uniflow_cli.errors import AdapterError, UniflowError, UnsafeInputError
+from uniflow_cli.paths import ID_RULE, is_real_dir, is_valid_id, open_regular, read_regular, regular_file_problem
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -42,6 +43,23 @@ ROLES = ("client", "global")
 PEFT_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+
+
+MAX_EXAMPLES = 2**53  # the largest integer float64 (the weights' dtype) represents exactly
+MODALITY_NAMES = ("image", "audio", "text")
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of an untrusted value, cut short (a 10**400 or a 1 MB string must not flood the message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # ints beyond Python's str conversion limit
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -64,19 +82,36 @@ class AdapterMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        # Every field is checked by type, not trusted: a drop's uniflow.json is written by another party.
         if self.role not in ROLES:
             raise AdapterError(f"role={self.role!r} is not one of {ROLES}", fix="use role 'client' or 'global'")
         if self.client_id is not None:
+            if not (isinstance(self.client_id, int) and not isinstance(self.client_id, bool)) and not isinstance(self.client_id, str):
+                raise AdapterError(f"client_id={self.client_id!r} must be a string", fix="record the client's id, e.g. \"3\"")
             self.client_id = str(self.client_id)
-        if self.num_examples is not None and (
-            isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples <= 0
-        ):
+            if not is_valid_id(self.client_id):
+                raise AdapterError(f"client_id={self.client_id!r} is not a plain name", fix=f"use {ID_RULE}")
+        if self.num_examples is not None and not _is_int(self.num_examples, 1, MAX_EXAMPLES):
             raise AdapterError(
-                f"num_examples={self.num_examples!r} must be a positive integer",
+                f"num_examples={_short(self.num_examples)} must be a positive integer <= 2^53",
                 fix="the client must record how many training examples it used",
             )
-        if self.round is not None and (not isinstance(self.round, int) or self.round < 0):
-            raise AdapterError(f"round={self.round!r} must be an integer >= 0", fix="record the round number the adapter belongs to")
+        if self.round is not None and not _is_int(self.round, 0, MAX_EXAMPLES):
+            raise AdapterError(f"round={_short(self.round)} must be an integer >= 0", fix="record the round number the adapter belongs to")
+        if not isinstance(self.modalities, list) or any(m not in MODALITY_NAMES for m in self.modalities):
+            raise AdapterError(
+                f"modalities={_short(self.modalities)} must be a list of {', '.join(MODALITY_NAMES)}", fix='e.g. "modalities": ["image"]'
+            )
+        for name in ("base_fingerprint", "stage", "method", "created"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and len(value) <= 256):
+                raise AdapterError(f"{name}={_short(value)} must be a string", fix="re-publish the adapter with uniflow")
+        for name in ("sha256", "residual_sha256"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+                raise AdapterError(f"{name}={_short(value)} is not a sha256 hex digest", fix="re-publish the adapter with uniflow")
+        if not isinstance(self.extra, dict):
+            raise AdapterError(f"extra={_short(self.extra)} must be a JSON object", fix="re-publish the adapter with uniflow")
         if self.format_version != FORMAT_VERSION:
             raise AdapterError(
                 f"format_version={self.format_version!r} is not supported (this uniflow reads {FORMAT_VERSION})",
@@ -171,8 +206,9 @@ def lora_scaling(peft_config: Mapping[str, Any], module: str, rank: int) -> floa
 # Reading
 # --------------------------------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
+    # open_regular: a FIFO in place of the tensors file must not block the server.
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(Path(path), follow=True), "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -180,11 +216,15 @@ def file_sha256(path: Path) -> str:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_regular(path, follow=True).decode("utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path} is missing", fix=f"{what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc})", fix=f"{what}") from None
+    except UnsafeInputError as exc:
+        raise AdapterError(exc.problem, fix=what) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterError(f"{path} is not valid JSON ({_short(exc, 120)})", fix=f"{what}") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise AdapterError(f"{path} is not valid JSON ({_short(str(exc), 120)})", fix=f"{what}") from None
 
 
 def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
@@ -197,57 +237,195 @@ def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
     if config.get("use_dora"):
         raise AdapterError(f"{path}: use_dora=true is not supported", fix="train plain LoRA (use_dora=false)")
     r = config.get("r")
-    if not isinstance(r, int) or r < 1:
-        raise AdapterError(f"{path}: r={r!r} must be a positive integer", fix="re-save the adapter with a valid LoraConfig")
+    if not _is_int(r, 1, 1 << 20):
+        raise AdapterError(f"{path}: r={_short(r)} must be a positive integer", fix="re-save the adapter with a valid LoraConfig")
+    _check_alpha(config.get("lora_alpha", 8), f"{path}: lora_alpha")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{path}: use_rslora={_short(config.get('use_rslora'))} must be true or false", fix="re-save the adapter")
+    for name, check in (("alpha_pattern", _check_alpha), ("rank_pattern", _check_rank)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{path}: {name}={_short(patterns)} must be an object of regex -> value", fix="re-save the adapter")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterError(f"{path}: {name} key {_short(pattern)} is not a valid regex ({exc})", fix="correct the pattern") from None
+            check(value, f"{path}: {name}[{_short(pattern)}]")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{path}: target_modules={_short(targets)} must be a list of names or a regex", fix="re-save the adapter")
     return config
+
+
+def _check_alpha(value: Any, where: str) -> None:
+    # alpha = 0 would scale every update to zero; a string would fail deep inside the math.
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise AdapterError(f"{where}={_short(value)} must be a finite number > 0", fix="re-save the adapter (lora_alpha is usually 2*r)")
+
+
+def _check_rank(value: Any, where: str) -> None:
+    if not _is_int(value, 1, 1 << 20):
+        raise AdapterError(f"{where}={_short(value)} must be a positive integer", fix="re-save the adapter")
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading safetensors without mmap
 # --------------------------------------------------------------------------------------------------
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_MAX_HEADER = 100 * 1024 * 1024
+# The dtypes an adapter tensor may have: LoRA factors and projector weights are float (an I32 header would be
+# fused as if its integers were weights).
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_FLOATS = "F16, BF16, F32 or F64"
+_MAX_HEADER = 100_000_000  # the safetensors library's MAX_HEADER_SIZE (~95 MiB): never accept what it refuses
+_MAX_USIZE = 2**64 - 1  # the library reads shapes and offsets as usize
+_INFO_KEYS = ("data_offsets", "dtype", "shape")
+
+
+def _header_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated keys and accepts lone surrogates ("\ud800"). The library's serde_json
+    # refuses surrogates and repeated fields but keeps the last repeated tensor name: an ambiguous header either way.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"header holds the string {_short(text)}, which is not valid Unicode") from None
+        if key in obj:
+            raise ValueError(f"header repeats the key {_short(key)}")
+        obj[key] = value
+    return obj
+
+
+def _header_int(text: str) -> int | float:
+    # serde_json reads "-0" as the float -0.0 (refused as a size); Python would read it as the int 0.
+    if text == "-0":
+        return -0.0
+    try:
+        return int(text)
+    except ValueError:  # longer than Python's int-parsing limit (4300 digits)
+        raise ValueError(f"header holds the number {text[:20]}… with {len(text)} digits") from None
+
+
+def _parse_header(raw: bytearray) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_object, parse_int=_header_int)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"header is not valid UTF-8 ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _pop_metadata(header: dict[str, Any]) -> dict[str, str] | None:
+    if "__metadata__" not in header:
+        return None
+    metadata = header.pop("__metadata__")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"__metadata__ must map strings to strings, not {_short(metadata)}")
+    return metadata
+
+
+def _tensor_entry(key: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, checked against the data section's size."""
+    name = _short(key)
+    if not isinstance(info, dict) or tuple(sorted(info)) != _INFO_KEYS:
+        got = f"the keys {_short(sorted(info))}" if isinstance(info, dict) else _short(info)
+        raise ValueError(f"tensor {name} must be an object with exactly the keys dtype, shape and data_offsets, not {got}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"tensor {name} has dtype {_short(dtype)}; adapter tensors must be float ({_FLOATS})")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d, 1, _MAX_USIZE) for d in shape):
+        raise ValueError(f"tensor {name} has shape {_short(shape)}; it must be a non-empty list of integers >= 1")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o, 0, _MAX_USIZE) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise ValueError(f"tensor {name} has data_offsets {_short(offsets)}; they must be two integers 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise ValueError(
+            f"tensor {name} lies outside the file or has the wrong size: it ends at byte {end} of a "
+            f"{data_size}-byte data section (truncated file?)"
+        )
+    need = _ITEMSIZE[dtype]
+    for dim in shape:  # stop early: a crafted shape may multiply to a huge number
+        need *= dim
+        if need > data_size:
+            raise ValueError(
+                f"tensor {name} lies outside the file or has the wrong size: shape {_short(shape)} of {dtype} needs "
+                f"more than the {data_size}-byte data section"
+            )
+    if end - begin != need:
+        raise ValueError(
+            f"tensor {name} lies outside the file or has the wrong size: data_offsets {offsets} hold "
+            f"{end - begin} bytes, shape {_short(shape)} of {dtype} needs {need}"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _check_tiling(entries: dict[str, tuple[str, tuple[int, ...], int, int]], data_size: int) -> None:
+    # The library's rule: sorted by offset, the tensors cover the data section exactly, from byte 0 to the end.
+    cursor = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+        if begin > cursor:
+            raise ValueError(f"bytes {cursor}..{begin} of the data section belong to no tensor (a hole before {_short(key)})")
+        if begin < cursor:
+            raise ValueError(f"tensor {_short(key)} overlaps the tensor before it (it starts at byte {begin}, before {cursor})")
+        cursor = end
+    if cursor != data_size:
+        raise ValueError(f"the data section has {data_size - cursor} trailing bytes after the last tensor")
 
 
 class SafetensorsFile:
-    """A safetensors file read tensor by tensor with ``pread`` (no mmap).
+    """The tensors file of an adapter, read tensor by tensor with ``pread`` (no mmap).
 
     The library's mmap-based reader leaves every page it touched resident, so streaming K large client
     adapters through it costs K adapters of RSS; plain reads cost one tensor at a time. The header is
-    validated up front (JSON, dtypes, offsets inside the file and consistent with the shapes), so a
-    truncated or corrupt file is refused before any math.
+    validated up front with the library's rules (UTF-8 JSON without repeated keys, exact entry keys, offsets
+    tiling the data section to the end of the file, sizes consistent with the shapes) and the adapter's own
+    (float dtypes, at least 1-D, no empty dimension), so a truncated, corrupt or crafted file is refused
+    with a ValueError before any math; anything accepted here the library reads identically.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._fd = -1  # so that close() and __del__ work when open() fails
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
-            size = os.fstat(self._fd).st_size
-            head = os.pread(self._fd, 8, 0)
-            if len(head) != 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
-            header = json.loads(os.pread(self._fd, n, 8))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            self.metadata = header.pop("__metadata__", None)
-            data_size = size - 8 - n
-            self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-            for key, info in header.items():
-                dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-                if dtype not in _DTYPES:
-                    raise ValueError(f"tensor {key!r} has unsupported dtype {dtype}")
-                numel = math.prod(shape)
-                if not (0 <= begin <= end <= data_size) or end - begin != numel * _ITEMSIZE[dtype]:
-                    raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size (truncated file?)")
-                self._entries[key] = (dtype, shape, 8 + n + begin, end - begin)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            os.close(self._fd)
-            raise ValueError(str(exc)) from None
+            self._entries = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _pread(self, length: int, offset: int) -> bytearray:
+        buf = bytearray(length)
+        view, done = memoryview(buf), 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise ValueError(f"unexpected end of file at byte {offset + done}")
+            done += got
+        return buf
+
+    def _read_header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise ValueError("file shorter than its 8-byte header length")
+        n = int.from_bytes(self._pread(8, 0), "little")
+        if n == 0 or n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"header length {n} does not fit the file ({size} bytes, header limit {_MAX_HEADER})")
+        header = _parse_header(self._pread(n, 8))
+        self.metadata = _pop_metadata(header)
+        if not header:
+            raise ValueError("header declares no tensors")
+        data_size = size - 8 - n
+        entries = {key: _tensor_entry(key, info, data_size) for key, info in header.items()}
+        _check_tiling(entries, data_size)
+        return {key: (dtype, shape, 8 + n + begin, end - begin) for key, (dtype, shape, begin, end) in entries.items()}
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -262,15 +440,10 @@ class SafetensorsFile:
         import torch
 
         dtype, shape, offset, length = self._entries[key]
-        buf = bytearray(length)
-        view, done = memoryview(buf), 0
-        while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise ValueError(f"tensor {key!r}: unexpected end of file")
-            done += got
-        if length == 0:
-            return torch.empty(shape, dtype=getattr(torch, _DTYPES[dtype]))
+        try:
+            buf = self._pread(length, offset)
+        except ValueError as exc:  # the file shrank after it was opened
+            raise ValueError(f"tensor {_short(key)}: {exc}") from None
         return torch.frombuffer(buf, dtype=getattr(torch, _DTYPES[dtype])).reshape(shape)
 
     def close(self) -> None:
@@ -293,10 +466,11 @@ class AdapterReader(Mapping):
     aggregated layer by layer without holding them all in memory.
     """
 
-    def __init__(self, path: Path, *, verify: bool = True) -> None:
+    def __init__(self, path: Path, *, verify: bool = True, strict: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise AdapterError(f"adapter {self.path} does not exist or is not a directory", fix="check the path")
+        _check_files(self.path, strict=strict)
         tensors_path = self.path / TENSORS_FILE
         self.peft_config = _check_peft_config(
             _read_json(self.path / CONFIG_FILE, "the adapter needs its adapter_config.json; re-publish it"), self.path / CONFIG_FILE
@@ -368,10 +542,21 @@ class AdapterReader(Mapping):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        import torch
+
         try:
-            return load_file(str(self.residual_path))
+            residual = load_file(str(self.residual_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"{self.residual_path} is not readable ({exc})", fix="re-publish the adapter") from None
+        floats = {getattr(torch, name) for name in _DTYPES.values()}
+        for key, tensor in sorted(residual.items()):
+            if tensor.dtype not in floats:  # integers would be added to the base weights as if they were deltas
+                raise AdapterError(
+                    f"{self.residual_path}: tensor {_short(key)} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                    f"residual tensors must be float ({_FLOATS})",
+                    fix="re-publish the adapter with float residuals",
+                )
+        return residual
 
     @property
     def label(self) -> str:
@@ -381,8 +566,22 @@ class AdapterReader(Mapping):
         return str(self.path)
 
 
-def open_adapter(path: Path, *, verify: bool = True) -> AdapterReader:
-    return AdapterReader(Path(path), verify=verify)
+def _check_files(path: Path, *, strict: bool) -> None:
+    """The adapter's files are regular files: never a FIFO or device (reading one would block or never end).
+
+    ``strict`` (drops found in a shared directory, written by another party): the directory and its files
+    must not be symlinks either. Explicit paths a user names may be symlinks (e.g. a model cache).
+    """
+    if strict and not is_real_dir(path):
+        raise AdapterError(f"drop {path} is a symlink (refused: it could point anywhere)", fix="publish the drop as a directory")
+    for name in (CONFIG_FILE, TENSORS_FILE, META_FILE, RESIDUAL_FILE):
+        problem = regular_file_problem(path / name, follow=not strict)
+        if problem is not None and problem != "is missing":
+            raise AdapterError(f"{path / name} {problem}", fix="publish the drop again with uniflow (plain files only)")
+
+
+def open_adapter(path: Path, *, verify: bool = True, strict: bool = False) -> AdapterReader:
+    return AdapterReader(Path(path), verify=verify, strict=strict)
 
 
 def read_adapter(path: Path, *, verify: bool = True) -> LoadedAdapter:
@@ -391,25 +590,42 @@ def read_adapter(path: Path, *, verify: bool = True) -> LoadedAdapter:
     return LoadedAdapter(reader.path, reader.peft_config, tensors, reader.meta, reader.read_residual())
 
 
-def scan_adapter_dirs(parent: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Valid adapter directories directly below ``parent`` and the rejected ones with the reason.
+def scan_adapter_dirs(parent: Path, *, round_: int | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Valid client drops directly below ``parent`` and the rejected ones with the reason.
 
-    Hidden (dot-prefixed) directories are unfinished publishes and skipped silently.
+    Hidden (dot-prefixed) directories are unfinished publishes and skipped silently. A drop is valid when
+    it is a real directory (no symlink) named by a client id, its files are regular files, its checksum
+    matches, and its ``uniflow.json`` says it is that client's drop (and for ``round_``, of that round).
     """
     valid: list[Path] = []
     rejected: list[tuple[Path, str]] = []
-    if not Path(parent).is_dir():
+    if not is_real_dir(Path(parent)):
         return valid, rejected
     for entry in sorted(Path(parent).iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
+        if entry.name.startswith("."):
             continue
-        if not (entry / META_FILE).exists():
+        if entry.is_symlink():
+            rejected.append((entry, "is a symlink (refused: a drop must be a directory, not a link to elsewhere)"))
+            continue
+        if not entry.is_dir():
+            continue
+        if not is_valid_id(entry.name):
+            rejected.append((entry, f"directory name {_short(entry.name)} is not a client id ({ID_RULE})"))
+            continue
+        if not os.path.lexists(entry / META_FILE):
             rejected.append((entry, "no uniflow.json (incomplete drop)"))
             continue
         try:
-            open_adapter(entry)
+            reader = open_adapter(entry, strict=True)
         except AdapterError as exc:
             rejected.append((entry, str(exc)))
+            continue
+        if reader.meta is None or reader.meta.role != "client" or reader.meta.client_id != entry.name:
+            said = "no metadata" if reader.meta is None else f"role {reader.meta.role!r}, client_id {reader.meta.client_id!r}"
+            rejected.append((entry, f"uniflow.json says {said}; a drop in clients/{entry.name} must be client {entry.name!r}"))
+            continue
+        if round_ is not None and reader.meta.round != round_:
+            rejected.append((entry, f"uniflow.json says round {reader.meta.round!r}, but the drop sits in round {round_}"))
             continue
         valid.append(entry)
     return valid, rejected
@@ -459,10 +675,14 @@ def write_adapter(
     meta: AdapterMeta,
     residual: Mapping[str, Any] | None = None,
     force: bool = False,
+    on_staged: Any = None,
 ) -> Path:
-    """Publish an adapter directory atomically; returns its path. Never overwrites unless ``force``."""
-    from safetensors.torch import save_file
+    """Publish an adapter directory atomically; returns its path.
 
+    Never overwrites unless ``force``, and even then only an adapter uniflow published with the same role
+    (never a dataset, an input, or any other directory). ``on_staged(tmp)`` runs after the files are
+    written and before the rename.
+    """
     out_dir = Path(out_dir)
     config = _check_peft_config(_jsonable(dict(peft_config)), out_dir / CONFIG_FILE)
     config.setdefault("peft_type", "LORA")
@@ -470,19 +690,45 @@ def write_adapter(
     if not payload:
         raise AdapterError("refusing to publish an adapter with no tensors", fix="check which tensors the method shares")
     residual_payload = _contiguous(residual) if residual else None
-    with publish_dir(out_dir, force=force) as tmp:
+    with publish_dir(out_dir, force=force, replaces=lambda old: is_adapter_of_role(old, meta.role), kind=f"uniflow {meta.role} adapter") as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(payload, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        _save_tensors(payload, tmp / TENSORS_FILE, out_dir)
         meta_out = AdapterMeta(**{**meta.to_json(), "sha256": file_sha256(tmp / TENSORS_FILE), "created": _created()})
         if residual_payload:
-            save_file(residual_payload, str(tmp / RESIDUAL_FILE), metadata={"format": "pt"})
+            _save_tensors(residual_payload, tmp / RESIDUAL_FILE, out_dir)
             meta_out.residual_sha256 = file_sha256(tmp / RESIDUAL_FILE)
         else:
             meta_out.residual_sha256 = None
         (tmp / META_FILE).write_text(
             json.dumps(_jsonable(meta_out.to_json()), indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
+        if on_staged is not None:  # e.g. the server stages its report here, so nothing can fail after the rename
+            on_staged(tmp)
     return out_dir
+
+
+def _save_tensors(payload: Mapping[str, Any], path: Path, out_dir: Path) -> None:
+    """safetensors' writer reports a full disk as its own error type: make it one line (publish_dir cleans up)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(payload), str(path), metadata={"format": "pt"})
+    except (SafetensorError, OSError) as exc:
+        text = str(exc)
+        reason = "no space left on device" if ("No space left" in text or "code: 28" in text) else _short(text, 160)
+        raise UniflowError(f"cannot write {out_dir / path.name}: {reason}", fix="free disk space (nothing was published)") from None
+
+
+def is_adapter_of_role(path: Path, role: str) -> bool:
+    """Whether ``path`` is an adapter directory uniflow published with this role (what --force may replace)."""
+    if not is_real_dir(path):
+        return False
+    try:
+        data = json.loads(read_regular(path / META_FILE).decode("utf-8"))
+    except (OSError, UniflowError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("role") == role
 
 
 def describe_adapter(path: Path) -> dict[str, Any]:

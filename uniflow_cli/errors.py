@@ -64,3 +64,8 @@ class MissingDependencyError(UniflowError):
 
 class TrainingError(UniflowError):
     """Local training cannot start or had to abort (e.g. non-finite loss)."""
+
+
+class UnsafeInputError(UniflowError):
+    """Untrusted input that would escape its root, block, or be mistaken for something else: an id that is
+    not a plain name, a path outside its root, a symlink, FIFO or device where a regular file is expected."""

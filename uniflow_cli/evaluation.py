@@ -33,6 +33,8 @@ from uniflow_cli.errors import (
 SAMPLES_IN_JSON = 10
 #: Modalities that need an encoder (text needs none).
 ENCODER_MODALITIES = ("image", "audio")
+#: Every modality a sample can have.
+ALL_MODALITIES = ("image", "audio", "text")
 
 OnBatch = Callable[[int, int, str], None]  # (samples done, samples total, phase/modality)
 
@@ -75,12 +77,14 @@ def evaluate_model(
     BERTScore pass. ``limit`` keeps the first N samples of each modality (deterministic).
 
     Returns ``(metrics, samples)``: ``metrics`` is :func:`uniflow_cli.metrics.summarize`'s dict
-    (percentages per modality and ``overall``), ``samples`` maps each modality to its per-sample
-    records (``id``, ``question``, ``prediction``, ``reference``, ``correct``, ``total``, ``bert_*``).
+    (percentages per modality and ``overall``, whose ``modalities`` lists what it pools), ``samples``
+    maps each modality to its per-sample records (``id``, ``question``, ``prediction``, ``reference``,
+    ``correct``, ``total``, ``truncated``, ``bert_*``). Every sequence is cut to the model's default
+    ``max_length`` while it is tokenised (a huge question or answer costs no more than a long one).
     """
     import torch
 
-    from uniflow_cli.metrics import attach_bertscore, resolve_bertscore_model, summarize, token_accuracy
+    from uniflow_cli.metrics import OVERALL, attach_bertscore, resolve_bertscore_model, summarize, token_accuracy
     from uniflow_cli.models import collate, unwrap
 
     _check_generation_options(max_new_tokens, batch_size, limit)
@@ -119,8 +123,10 @@ def evaluate_model(
                     logits = model(batch).logits
                     labels = batch["labels"]
                     counts = [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(len(chunk))]
-                    predictions = model.generate(collate(chunk, model, train=False), max_new_tokens=max_new_tokens)
-                for row, (correct, n_tokens), prediction in zip(chunk, counts, predictions):
+                    prompts = collate(chunk, model, train=False)
+                    predictions = model.generate(prompts, max_new_tokens=max_new_tokens)
+                cut = [a or b for a, b in zip(batch["truncated"], prompts["truncated"])]
+                for row, (correct, n_tokens), prediction, was_cut in zip(chunk, counts, predictions, cut):
                     records.append(
                         {
                             "modality": modality,
@@ -130,6 +136,7 @@ def evaluate_model(
                             "reference": str(row.get("answer", "")).strip(),
                             "correct": correct,
                             "total": n_tokens,
+                            "truncated": was_cut,
                         }
                     )
                 done += len(chunk)
@@ -139,6 +146,7 @@ def evaluate_model(
         on_batch(done, total, "BERTScore")
     records = attach_bertscore(records, model_path=bertscore_model, num_layers=bertscore_layers)
     metrics = summarize(records)
+    metrics[OVERALL]["modalities"] = list(groups)  # "overall" always says what it pools
     by_modality: dict[str, list[dict[str, Any]]] = {m: [] for m in groups}
     for rec in records:
         by_modality[rec["modality"]].append(rec)
@@ -191,23 +199,99 @@ def _check_fingerprint(loaded: Any, fingerprint: str) -> None:
         )
 
 
-def _load_test_splits(ws: Any) -> dict[str, Any]:
+def check_modalities(modalities: Sequence[str] | None) -> list[str] | None:
+    """``--modalities`` as a sorted list of known names (None: every test split)."""
+    if modalities is None:
+        return None
+    names = sorted({str(m).strip() for m in modalities if str(m).strip()})
+    if not names:
+        raise UsageError("--modalities is empty", fix=f"name one or more of {', '.join(ALL_MODALITIES)}, comma-separated")
+    unknown = [m for m in names if m not in ALL_MODALITIES]
+    if unknown:
+        raise UsageError(f"--modalities names unknown modality {unknown[0]!r}", fix=f"use {', '.join(ALL_MODALITIES)}")
+    return names
+
+
+def _partition_modalities(ws: Any) -> list[str]:
+    """The modalities ``data/partition.json`` says the partition has (its ``modalities`` table, else its
+    clients' ``modalities``); [] without a partition.json (hand-made test splits: nothing is expected)."""
+    import json
+
+    from uniflow_cli.paths import read_regular
+
+    path = ws.partition_json
+    if not path.exists() and not path.is_symlink():
+        return []
+    fix = "re-run 'uniflow partition --force' (it writes data/partition.json)"
+    try:
+        info = json.loads(read_regular(path))
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"{path} is unreadable ({exc})", fix=fix) from None
+    if not isinstance(info, dict):
+        raise WorkspaceError(f"{path} is not a JSON object", fix=fix)
+    table, clients = info.get("modalities"), info.get("clients", [])
+    if table is not None:
+        if not isinstance(table, dict):
+            raise WorkspaceError(f"{path}: 'modalities' is not an object", fix=fix)
+        names = list(table)
+    elif isinstance(clients, list):
+        names = []
+        for client in clients:
+            listed = client.get("modalities", []) if isinstance(client, dict) else []
+            if not isinstance(listed, list):
+                raise WorkspaceError(f"{path}: a client's 'modalities' is {listed!r}, not a list", fix=fix)
+            names += listed
+    else:
+        raise WorkspaceError(f"{path}: 'clients' is not a list", fix=fix)
+    unknown = [m for m in names if m not in ALL_MODALITIES]
+    if unknown:
+        raise WorkspaceError(f"{path} names modality {unknown[0]!r}, not one of {', '.join(ALL_MODALITIES)}", fix=fix)
+    return sorted(set(names))
+
+
+def _load_test_splits(ws: Any, model_modalities: Sequence[str], only: Sequence[str] | None = None) -> dict[str, Any]:
+    """``data/test/<m>`` of every modality ``only`` names, else of every split present. Without ``only``, a
+    split that data/partition.json lists and the model can evaluate (text, or one of its encoders) must be
+    there: an "overall" silently pooled over fewer modalities would be compared with complete ones."""
     from uniflow_cli.data import load_split
 
     test_root = ws.data_dir / "test"
-    names = sorted(p.name for p in test_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_root.is_dir() else []
-    if not names:
-        raise DataError(f"no test split in {test_root}", fix="run 'uniflow partition' (it writes data/test/<modality>)")
+    present = sorted(p.name for p in test_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_root.is_dir() else []
+    if only is not None:
+        absent = [m for m in only if m not in present]
+        if absent:
+            raise DataError(
+                f"--modalities {','.join(only)}: there is no {absent[0]} test split {test_root / absent[0]}",
+                fix=f"evaluate the splits present ({', '.join(present) or 'none'}), or re-run 'uniflow partition'",
+            )
+        names = list(only)
+    else:
+        if not present:
+            raise DataError(f"no test split in {test_root}", fix="run 'uniflow partition' (it writes data/test/<modality>)")
+        evaluable = {"text", *model_modalities}
+        missing = [m for m in _partition_modalities(ws) if m in evaluable and m not in present]
+        if missing:
+            raise DataError(
+                f"the {missing[0]} test split {test_root / missing[0]} is missing ({ws.partition_json.name} lists {missing[0]} "
+                f"and the model evaluates it; present: {', '.join(present)})",
+                fix=f"restore it (re-run 'uniflow partition'), or evaluate the others on purpose with --modalities {','.join(present)}",
+            )
+        names = present
     return {name: load_split(ws.test_data(name)) for name in names}
 
 
-def check_workspace_evaluation(workspace: Path, rounds: Sequence[int]) -> None:
+def _workspace_model_modalities(ws: Any) -> list[str]:
+    return list(_settings_for(ws, None, ())[0].modalities)
+
+
+def check_workspace_evaluation(workspace: Path, rounds: Sequence[int], modalities: Sequence[str] | None = None) -> None:
     """What evaluating ``rounds`` of a workspace later needs, checked now (before hours of training):
-    a test split, and no earlier eval JSON for those rounds that would have to be overwritten."""
+    the test splits (every one the partition lists, or ``modalities``), and no earlier eval JSON for
+    those rounds that would have to be overwritten."""
     from uniflow_cli.workspace import find_workspace
 
     ws = find_workspace(workspace)
-    _load_test_splits(ws)
+    _load_test_splits(ws, _workspace_model_modalities(ws), check_modalities(modalities))
     existing = [str(ws.eval_json(t)) for t in sorted(rounds) if ws.eval_json(t).exists()]
     if existing:
         raise OutputExistsError(f"evaluation output {', '.join(existing)} already exists", fix="move it away or evaluate other rounds")
@@ -298,6 +382,7 @@ def run_evaluate(
     bertscore_model: Path | None = None,
     bertscore_layers: int | None = None,
     client: str | None = None,
+    modalities: Sequence[str] | None = None,
     on_batch: OnBatch | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> EvalResult:
@@ -310,6 +395,8 @@ def run_evaluate(
     the workspace's uniflow.toml or ``preset``; writes ``out`` (required). ``client`` (workspace mode, FedSA):
     the personalised model of that client — round T's global A and shared tensors with the client's private
     B from ``state/clients/<k>`` (it must be the B of round T) — written to ``eval/clients/<k>/round-<T>.json``.
+    ``modalities`` narrows the run to those test splits (workspace mode) or those rows (explicit mode); without
+    it, a test split that data/partition.json lists (for a modality the model evaluates) must be present.
     """
     from uniflow_cli.adapters import read_adapter
     from uniflow_cli.atomic import check_writable_target
@@ -322,6 +409,7 @@ def run_evaluate(
     status = on_status or (lambda _msg: None)
     notices: list[str] = []
     _check_generation_options(max_new_tokens, batch_size, limit)
+    only = check_modalities(modalities)
     if base and round not in (None, 0):
         raise UsageError(f"--base is round 0, but --round {round} was given", fix="pass either --base or --round T")
     if adapter is not None and (base or round is not None):
@@ -363,6 +451,14 @@ def run_evaluate(
         # Explicit data: every --data dir must load, and together they must hold samples.
         loaded_splits = [(Path(d), load_split(d)) for d in data]
         samples_by_modality: dict[str, Any] = _group_by_modality(loaded_splits)
+        if only is not None:
+            absent = [m for m in only if m not in samples_by_modality]
+            if absent:
+                raise DataError(
+                    f"--modalities {','.join(only)}: the --data dirs hold no {absent[0]} samples (they hold {', '.join(sorted(samples_by_modality)) or 'none'})",
+                    fix="name only modalities the --data dirs hold",
+                )
+            samples_by_modality = {m: samples_by_modality[m] for m in only}
         out_path = Path(out)  # type: ignore[arg-type]
         source = ", ".join(str(d) for d in data)
     else:
@@ -386,7 +482,7 @@ def run_evaluate(
             )
         if client is not None:
             final = _personalised(ws, final, t, str(client))
-        samples_by_modality = _load_test_splits(ws)
+        samples_by_modality = _load_test_splits(ws, _workspace_model_modalities(ws), only)
         out_path = Path(out) if out is not None else (ws.client_eval_json(client, t) if client is not None else ws.eval_json(t))
         source = str(ws.data_dir / "test")
     check_writable_target(out_path, force=force)  # before the expensive work
@@ -423,7 +519,7 @@ def run_evaluate(
     # ---- build the model ----
     status("building the model")
     from uniflow_cli.models import load_model, model_from_adapter
-    from uniflow_cli.models.lora import add_to_base, lora_deltas
+    from uniflow_cli.models.lora import add_to_base, lora_deltas, unwrap
 
     if final is None:
         model = load_model(model_settings, lora_settings, 0, progress=status)
@@ -452,6 +548,9 @@ def run_evaluate(
         bertscore_layers=bertscore_layers,
         on_batch=on_batch,
     )
+    cut = sum(1 for recs in records.values() for rec in recs if rec["truncated"])
+    if cut:
+        notices.append(f"{cut} test sample(s) were longer than {unwrap(model).max_length} tokens and were cut to fit")
     keep = ("id", "question", "prediction", "reference")
     samples = {m: [{k: rec[k] for k in keep} for rec in recs[:SAMPLES_IN_JSON]] for m, recs in records.items()}
     payload = build_eval_payload(
@@ -468,6 +567,7 @@ def run_evaluate(
             "batch_size": batch_size,
             "bertscore": {"model": bs_name, "num_layers": bs_layers},
             "data": source,
+            "max_length": unwrap(model).max_length,
         },
         metrics=metrics,
         samples=samples,

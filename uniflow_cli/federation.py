@@ -9,6 +9,7 @@ one server publishes a round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.adapters import META_FILE, open_adapter, scan_adapter_dirs
-from uniflow_cli.errors import AdapterError, UniflowError, UsageError, WorkspaceError
+from uniflow_cli.errors import AdapterError, UniflowError, UnsafeInputError, UsageError, WorkspaceError
+from uniflow_cli.paths import ID_RULE, is_valid_id, read_regular
 from uniflow_cli.workspace import Workspace
 
 LOCK_NAME = ".aggregate.lock"
@@ -35,13 +37,34 @@ class LockedError(UniflowError):
 
 def expected_clients(ws: Workspace) -> list[str]:
     """Client ids the partition created (``data/partition.json``); empty when unknown."""
-    if not ws.partition_json.is_file():
+    path = ws.partition_json
+    if not os.path.lexists(path):
         return []
+    fix = "re-run 'uniflow partition --force'"
     try:
-        info = json.loads(ws.partition_json.read_text())
-    except (OSError, ValueError) as exc:
-        raise WorkspaceError(f"{ws.partition_json} is unreadable ({exc})", fix="re-run 'uniflow partition --force'") from None
-    return [str(c["id"] if isinstance(c, dict) else c) for c in info.get("clients", [])]
+        info = json.loads(read_regular(path).decode("utf-8"))
+    except UnsafeInputError as exc:
+        raise WorkspaceError(exc.problem, fix=fix) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise WorkspaceError(f"{path} is unreadable ({str(exc)[:120]})", fix=fix) from None
+    clients = info.get("clients", []) if isinstance(info, dict) else None
+    if not isinstance(clients, list):
+        raise WorkspaceError(f"{path}: 'clients' must be a list", fix=fix)
+    ids = []
+    for entry in clients:
+        raw = entry.get("id") if isinstance(entry, dict) else entry
+        if not (isinstance(raw, str) and is_valid_id(raw)) and not (isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0):
+            raise WorkspaceError(f"{path}: client id {str(raw)[:40]!r} is not a plain name ({ID_RULE})", fix=fix)
+        ids.append(str(raw))
+    return ids
+
+
+def check_wait_options(timeout: float, poll: float) -> None:
+    """``timeout`` finite and >= 0 (NaN would never time out), ``poll`` finite and > 0 (no busy loop)."""
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+        raise UsageError(f"--timeout {timeout} must be a finite number of seconds >= 0", fix="use --timeout 600")
+    if not (isinstance(poll, (int, float)) and math.isfinite(poll) and poll > 0):
+        raise UsageError(f"--poll {poll} must be a finite number of seconds > 0", fix="use --poll 2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,13 +95,17 @@ class RoundLock:
 
     def _is_stale(self) -> bool:
         try:
-            info = json.loads(self.path.read_text() or "{}")
-            age = time.time() - self.path.stat().st_mtime
+            age = time.time() - os.lstat(self.path).st_mtime
+            info = json.loads(read_regular(self.path, limit=4096) or b"{}")
         except FileNotFoundError:
             return False
+        except UnsafeInputError:
+            return False  # a FIFO/symlink is not a lock a server of ours wrote: never removed, never read
         except (OSError, ValueError):
             return True  # unreadable lock content: a half-written lock from a killed server
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if not isinstance(info, dict):
+            return True
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not isinstance(info.get("pid"), bool):
             return not _pid_alive(info["pid"])
         return age > self.stale_after
 
@@ -123,7 +150,7 @@ class DropScan:
 
 
 def scan_round(ws: Workspace, t: int, expected: list[str]) -> DropScan:
-    valid, rejected = scan_adapter_dirs(ws.clients_dir(t))
+    valid, rejected = scan_adapter_dirs(ws.clients_dir(t), round_=t)
     names = [p.name for p in valid]
     return DropScan(
         valid=valid,
@@ -149,8 +176,7 @@ def wait_for_drops(
     ``min_clients`` valid drops (quorum). Invalid drops are logged once with their reason."""
     if min_clients < 1:
         raise UsageError(f"--min-clients {min_clients} must be >= 1", fix="use --min-clients 1 or more")
-    if timeout < 0:
-        raise UsageError(f"--timeout {timeout} must be >= 0", fix="use --timeout 600")
+    check_wait_options(timeout, poll)
     deadline = clock() + timeout
     reported: set[tuple[str, str]] = set()
     while True:
@@ -180,10 +206,16 @@ def round_published(ws: Workspace, t: int) -> bool:
 
 def late_drops(ws: Workspace, t: int) -> list[str]:
     """Client drops of a published round that its global does not include (they arrived too late)."""
-    meta = open_adapter(ws.global_dir(t)).meta
-    included = {str(c.get("client_id")) for c in (meta.extra.get("clients", []) if meta else [])}
-    valid, _ = scan_adapter_dirs(ws.clients_dir(t))
+    meta = open_adapter(ws.global_dir(t), strict=True).meta
+    included = set(fused_clients(meta))
+    valid, _ = scan_adapter_dirs(ws.clients_dir(t), round_=t)
     return [p.name for p in valid if p.name not in included]
+
+
+def fused_clients(meta: Any) -> list[str]:
+    """The client ids a global's ``uniflow.json`` says it fused (entries of another shape are skipped)."""
+    rows = meta.extra.get("clients", []) if meta is not None else []
+    return [str(row.get("client_id")) for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,24 +234,26 @@ def workspace_status(ws: Workspace) -> dict[str, Any]:
             entry["missing"] = scan.missing
         if entry["published"]:
             try:
-                meta = open_adapter(ws.global_dir(t)).meta
+                meta = open_adapter(ws.global_dir(t), strict=True).meta
             except AdapterError as exc:
                 entry["error"] = str(exc)
                 meta = None
             if meta is not None:
                 entry["method"] = meta.method
-                entry["clients"] = [str(c.get("client_id")) for c in meta.extra.get("clients", [])]
-                summary = meta.extra.get("aggregation", {})
-                entry["rel_error_mean"] = summary.get("rel_error_mean")
-                entry["engine"] = (meta.extra.get("engine") or {}).get("name", "file-drop")
+                entry["clients"] = fused_clients(meta)
+                summary = meta.extra.get("aggregation")
+                entry["rel_error_mean"] = summary.get("rel_error_mean") if isinstance(summary, dict) else None
+                engine = meta.extra.get("engine")
+                entry["engine"] = str(engine.get("name", "file-drop")) if isinstance(engine, dict) else "file-drop"
                 if entry["engine"] == "flower" and not entry.get("dropped"):
                     # Flower carried the uploads (nothing was dropped here): missing = not fused into the global.
                     entry["missing"] = [c for c in expected if c not in entry["clients"]]
         eval_path = ws.eval_json(t)
-        if eval_path.is_file():
+        if os.path.lexists(eval_path):
             try:
-                entry["metrics"] = json.loads(eval_path.read_text()).get("metrics")
-            except (OSError, ValueError):
+                data = json.loads(read_regular(eval_path).decode("utf-8"))
+                entry["metrics"] = data.get("metrics") if isinstance(data, dict) else None
+            except (OSError, ValueError, UniflowError, RecursionError):
                 entry["metrics"] = None
         lock = ws.round_dir(t) / LOCK_NAME
         entry["locked"] = lock.exists()

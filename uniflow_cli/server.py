@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniflow_cli.adapters import AdapterMeta, AdapterReader, open_adapter, write_adapter
+from uniflow_cli.adapters import AdapterMeta, AdapterReader, is_adapter_of_role, open_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
-from uniflow_cli.atomic import check_writable_target, write_file_atomic
-from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UsageError, WorkspaceError
+from uniflow_cli.atomic import StagedFile, check_writable_target
+from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UniflowError, UsageError, WorkspaceError
+from uniflow_cli.paths import overlap, read_regular
 from uniflow_cli.workspace import AggregateSettings, find_workspace
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -136,9 +137,10 @@ def run_aggregate(
     if len(set(resolved)) != len(resolved):
         dup = next(p for p in resolved if resolved.count(p) > 1)
         raise UsageError(f"adapter {dup} is given twice", fix="pass each adapter once")
-    check_writable_target(Path(out), force=force)
+    check_outputs_apart(Path(out), report_path, [*inputs, *([start] if start is not None else [])])
+    check_writable_target(Path(out), force=force, replaces=lambda p: is_adapter_of_role(p, "global"), kind="uniflow global adapter")
     if report_path is not None:
-        check_writable_target(Path(report_path), force=force)
+        check_writable_target(Path(report_path), force=force, replaces=is_aggregate_report, kind="uniflow aggregate report")
 
     notices: list[str] = []
     readers = [open_adapter(p) for p in inputs]
@@ -178,23 +180,64 @@ def run_aggregate(
             "notes": result.notes,
         },
     )
-    written = write_adapter(out, peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual, force=force)
-    tensor_bytes = (written / "adapter_model.safetensors").stat().st_size
-    residual_file = written / "residual.safetensors"
-    residual_bytes = residual_file.stat().st_size if residual_file.exists() else 0
-    if report_path is not None:
-        report = {
-            **result.summary(),
-            "out": str(written),
-            "clients": client_rows,
-            "options": meta.extra["options"],
-            "tensor_bytes": tensor_bytes,
-            "residual_bytes": residual_bytes,
-            "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
-        }
-        text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        write_file_atomic(Path(report_path), text.encode(), force=force)
-    return AggregateOutcome(written, result, client_rows, tensor_bytes, residual_bytes, notices)
+    sizes: dict[str, int] = {}
+    staged: list[StagedFile] = []
+
+    def stage_report(tmp: Path) -> None:
+        # Runs before the global's rename: the report is written in full now and only renamed afterwards,
+        # so a full disk or a bad --report can no longer fail after the global is published.
+        sizes["tensors"] = (tmp / "adapter_model.safetensors").stat().st_size
+        residual_file = tmp / "residual.safetensors"
+        sizes["residual"] = residual_file.stat().st_size if residual_file.exists() else 0
+        if report_path is not None:
+            report = {
+                **result.summary(),
+                "out": str(out),
+                "clients": client_rows,
+                "options": meta.extra["options"],
+                "tensor_bytes": sizes["tensors"],
+                "residual_bytes": sizes["residual"],
+                "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
+            }
+            text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+            staged.append(StagedFile(Path(report_path), text.encode(), force=force, replaces=is_aggregate_report, kind="uniflow aggregate report"))
+
+    try:
+        written = write_adapter(
+            out, peft_config=result.peft_config, tensors=tensors, meta=meta, residual=result.residual, force=force, on_staged=stage_report
+        )
+    except BaseException:
+        for item in staged:
+            item.discard()
+        raise
+    for item in staged:
+        item.commit()
+    return AggregateOutcome(written, result, client_rows, sizes["tensors"], sizes["residual"], notices)
+
+
+def is_aggregate_report(path: Path) -> bool:
+    """Whether ``path`` is a report ``uniflow aggregate --report`` wrote (what --force may replace)."""
+    try:
+        data = json.loads(read_regular(path).decode("utf-8"))
+    except (OSError, UniflowError, ValueError):
+        return False
+    return isinstance(data, dict) and {"method", "layers", "out"} <= set(data)
+
+
+def check_outputs_apart(out: Path, report: Path | None, inputs: Sequence[Path]) -> None:
+    """An output may not be, lie inside, or contain any input (after resolving): --force or not.
+
+    Replacing ``out`` removes what is there, so ``--out`` equal to an input, or a parent of the inputs,
+    would delete them; ``--out`` inside an input would write into it.
+    """
+    for given in inputs:
+        relation = overlap(out, given)
+        if relation is not None:
+            raise UsageError(f"--out {out} {relation} the input {given}", fix="write the global to a directory apart from its inputs")
+        if report is not None and overlap(report, given) is not None:
+            raise UsageError(f"--report {report} {overlap(report, given)} the input {given}", fix="write the report outside the input adapters")
+    if report is not None and overlap(report, out) is not None:
+        raise UsageError(f"--report {report} {overlap(report, out)} --out {out}", fix="write the report beside the global, e.g. --report report.json")
 
 
 @dataclass(frozen=True)
@@ -263,8 +306,11 @@ def run_round(
     """
     import time
 
-    from uniflow_cli.federation import LockedError, QuorumError, RoundLock, expected_clients, late_drops, round_published, scan_round, wait_for_drops
+    from uniflow_cli.federation import (
+        LockedError, QuorumError, RoundLock, check_wait_options, expected_clients, late_drops, round_published, scan_round, wait_for_drops,
+    )
 
+    check_wait_options(timeout, poll)
     if t < 1:
         raise UsageError(f"--round {t}: round 0 is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
     ws = find_workspace(workspace)
@@ -283,7 +329,13 @@ def run_round(
     if wait:  # waiting for drops holds no lock: two servers may wait side by side
         scan = wait_for_drops(ws, t, expected=expected, min_clients=min_clients, timeout=timeout, poll=poll, log=say)
     lock = RoundLock(ws.round_dir(t) / ".aggregate.lock", stale_after=stale_after)
+    lock_deadline = time.monotonic() + timeout
     while not lock.try_acquire():
+        if wait and time.monotonic() >= lock_deadline:
+            raise LockedError(
+                f"another server still holds round {t}'s lock after {timeout:g} s ({lock.path})",
+                fix="wait for it; remove the lock file only if that server is dead",
+            )
         if not wait:
             raise LockedError(
                 f"another server is aggregating round {t} (lock {lock.path})",

@@ -138,6 +138,8 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    truncated: int = 0  # examples cut to max_length tokens (each counted once, however often drawn)
+    max_length: int | None = None  # the token budget used (cfg.max_length, else the model's default)
 
     @property
     def first_loss(self) -> float | None:
@@ -166,10 +168,14 @@ def train_loop(
     total_rounds: int | None = None,
     on_step: Callable[[int, int, float, str], None] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``dataset``: AdamW, linear warm-up/decay, clipping, seeded order."""
+    """Train ``model`` in place on ``dataset``: AdamW, linear warm-up/decay, clipping, seeded order.
+
+    Sequences are cut to ``cfg.max_length`` tokens (None: the model's default) while they are tokenised,
+    so one huge sample cannot blow up the batch; the examples cut are counted in ``TrainStats.truncated``."""
     import torch
 
     from uniflow_cli.models import collate, set_trainable_stage
+    from uniflow_cli.models.lora import unwrap
 
     n = len(dataset)
     if n == 0:
@@ -195,7 +201,9 @@ def train_loop(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     order: list[int] = []
-    stats = TrainStats(num_examples=n, steps=steps, steps_per_stage={s: plan.count(s) for s in sorted(set(plan))})
+    stats = TrainStats(num_examples=n, steps=steps, steps_per_stage={s: plan.count(s) for s in sorted(set(plan))},
+                       max_length=cfg.max_length if cfg.max_length is not None else unwrap(model).max_length)
+    cut: set[int] = set()
     model.train()
     current = None
     started = time.perf_counter()
@@ -212,10 +220,9 @@ def train_loop(
                 if not order:  # a fresh seeded permutation per epoch
                     order = torch.randperm(n, generator=generator).tolist()
                 picks.append(order.pop())
-            batch = collate([dataset[i] for i in picks], model)
-            if cfg.max_length is not None and batch["input_ids"].shape[1] > cfg.max_length:
-                for key in ("input_ids", "attention_mask", "labels"):
-                    batch[key] = batch[key][:, : cfg.max_length]
+            batch = collate([dataset[i] for i in picks], model, max_length=stats.max_length)
+            cut.update(i for i, was_cut in zip(picks, batch["truncated"]) if was_cut)
+            stats.truncated = len(cut)
             stats.tokens += int(batch["attention_mask"].sum())
             loss = model(batch).loss
             if not torch.isfinite(loss):
@@ -296,12 +303,19 @@ def run_local_train(
     on_wait: Callable[[str], None] | None = None,
 ) -> LocalTrainOutcome:
     """Resolve inputs, train, publish the drop (and FedSA's private B). Nothing is published on error."""
-    from uniflow_cli.adapters import AdapterMeta, open_adapter, read_adapter, write_adapter
+    from uniflow_cli.adapters import AdapterMeta, is_adapter_of_role, open_adapter, read_adapter, write_adapter
     from uniflow_cli.aggregation import METHODS
     from uniflow_cli.atomic import check_writable_target
     from uniflow_cli.data.build import load_split
+    from uniflow_cli.federation import check_wait_options
+    from uniflow_cli.paths import check_id, overlap
     from uniflow_cli.workspace import find_workspace
 
+    check_wait_options(timeout, poll)
+    if client is not None:
+        client = check_id(client)  # it names directories: never '../..' or a path
+    if round_ is not None and round_ < 1:
+        raise UsageError(f"--round {round_}: round 0 is the initial global", fix="train for a round >= 1")
     explicit = global_dir is not None or data_dir is not None or out is not None
     ws = find_workspace(workspace, required=not explicit)
     if explicit:
@@ -317,7 +331,7 @@ def run_local_train(
             t = round_ - 1
         elif wait:
             # The round after this client's last drop: its global may not be published yet.
-            dropped = [r for r in ws.rounds() if ws.client_drop(r, client).is_dir()]
+            dropped = [r for r in ws.rounds() if ws.client_drop(r, client).is_dir()]  # client_drop checks the id
             t = max(ws.latest_global_round(), dropped[-1] if dropped else 0)
         else:
             t = ws.latest_global_round()
@@ -341,7 +355,12 @@ def run_local_train(
         data_dir = ws.client_data(client)
         out = ws.client_drop(target_round, client)
         state_dir = state_dir or ws.client_state(client)
-    check_writable_target(out, force=force)  # before any expensive work
+    for flag, given in (("--global", global_dir), ("--data", data_dir), ("--state", state_dir)):
+        if given is not None and (relation := overlap(out, given)) is not None:
+            raise UsageError(f"--out {out} {relation} {flag} {given}", fix="publish the client adapter apart from its inputs")
+    if state_dir is not None and method_may_keep_state(method) and (relation := overlap(state_dir, data_dir)) is not None:
+        raise UsageError(f"--state {state_dir} {relation} --data {data_dir}", fix="keep client state apart from the dataset")
+    check_writable_target(out, force=force, replaces=lambda p: is_adapter_of_role(p, "client"), kind="uniflow client adapter")
     dataset = load_split(data_dir)
     settings = _model_settings(ws, preset)
     lora = _lora_settings(ws)
@@ -363,7 +382,7 @@ def run_local_train(
     result = train_client_round(
         cfg, start, dataset, settings, lora, method=method, client_id=client_id, round_=target_round,
         history=_history(ws, global_dir, t) if needs_history else (), private_B=private_B, private_where=str(state_dir),
-        total_rounds=total_rounds, started_from=str(global_dir), on_step=on_step,
+        total_rounds=total_rounds, started_from=_recorded_path(ws, global_dir), on_step=on_step,
     )
     written = write_adapter(out, peft_config=result.peft_config, tensors=result.shared, meta=result.meta, force=force)
     if result.private is not None and state_dir is not None:
@@ -466,6 +485,7 @@ def train_client_round(
                 "last_loss": stats.last_loss,
                 "seconds": round(stats.seconds, 3),
                 "tokens": stats.tokens,
+                "truncated": stats.truncated,
                 "upload_bytes": upload_bytes,
                 "started_from": started_from,
                 "folded_rounds": folded,
@@ -475,6 +495,22 @@ def train_client_round(
     )
     private = {k: v for k, v in tensors.items() if k.endswith(".lora_B.weight")} if method == "fedsa" else None
     return ClientRound(shared, private, peft_config_dict(model), meta, stats, upload_bytes, folded)
+
+
+def method_may_keep_state(method: str | None) -> bool:
+    """Methods whose client keeps private state between rounds (FedSA's B), or an unknown method yet."""
+    return method in (None, "fedsa")
+
+
+def _recorded_path(ws: Any, path: Path) -> str | None:
+    """What a drop records of where it started: relative to the workspace, never the client's absolute
+    layout (that would leak it to the server and make drops differ byte for byte across machines)."""
+    if ws is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(ws.root).as_posix()
+    except ValueError:
+        return None
 
 
 def read_adapter_round(global_dir: Path) -> int:

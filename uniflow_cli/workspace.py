@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import ConfigError, WorkspaceError
+from uniflow_cli.paths import check_id, check_round, confined, is_real_dir
 
 CONFIG_NAME = "uniflow.toml"
 ENV_VAR = "UNIFLOW_WORKSPACE"
@@ -51,6 +52,9 @@ class LoraSettings:
     encoder_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"])
 
     def __post_init__(self) -> None:
+        from uniflow_cli.models.settings import check_field_types  # lazy: the one set of type rules for config tables
+
+        check_field_types(self, "lora")
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"lora r={self.r!r} must be a positive integer", fix="set r = 8 (or 4, 16, ...)")
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
@@ -70,14 +74,19 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from uniflow_cli.models.settings import check_field_types  # lazy: the one set of type rules for config tables
+
+        check_field_types(self, "train")
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"tau={self.tau!r} must be in [0, 1]", fix="use --stage-tau 0.25 (the paper's best)")
         if self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be >= 1", fix="use --steps 20")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1", fix="use --batch-size 4")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr!r} must be > 0", fix="use --lr 2e-4")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr!r} must be a finite number > 0", fix="use --lr 2e-4")
+        if self.seed < 0:  # numpy's generators refuse negative seeds
+            raise ConfigError(f"seed={self.seed!r} must be >= 0", fix="use --seed 0")
 
 
 @dataclass
@@ -91,7 +100,9 @@ class AggregateSettings:
 
     def __post_init__(self) -> None:
         from uniflow_cli.aggregation.methods import METHODS  # lazy: imports torch
+        from uniflow_cli.models.settings import check_field_types
 
+        check_field_types(self, "aggregate", keys={"lambda_": "lambda"})
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}", fix="use --method fedA2")
         if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
@@ -121,44 +132,50 @@ class Workspace:
     def partition_json(self) -> Path:
         return self.data_dir / "partition.json"
 
+    # Every path derived from an id goes through here: the id must be a plain name and the path, resolved,
+    # must stay under the workspace (a symlinked `rounds/` or `clients/` pointing elsewhere is refused).
+    def _under(self, *parts: str) -> Path:
+        return confined(self.root, *parts)
+
     def client_data(self, client: int | str) -> Path:
-        return self.data_dir / "clients" / str(client)
+        return self._under("data", "clients", check_id(client))
 
     def test_data(self, modality: str) -> Path:
-        return self.data_dir / "test" / modality
+        return self._under("data", "test", check_id(modality, "modality"))
 
     def round_dir(self, t: int) -> Path:
-        return self.root / "rounds" / str(t)
+        return self._under("rounds", str(check_round(t)))
 
     def global_dir(self, t: int) -> Path:
-        return self.round_dir(t) / "global"
+        return self._under("rounds", str(check_round(t)), "global")
 
     def clients_dir(self, t: int) -> Path:
-        return self.round_dir(t) / "clients"
+        return self._under("rounds", str(check_round(t)), "clients")
 
     def client_drop(self, t: int, client: int | str) -> Path:
-        return self.clients_dir(t) / str(client)
+        return self._under("rounds", str(check_round(t)), "clients", check_id(client))
 
     def client_state(self, client: int | str) -> Path:
-        return self.root / "state" / "clients" / str(client)
+        return self._under("state", "clients", check_id(client))
 
     def flower_globals(self, client: int | str) -> Path:
         """A Flower node's copies of the earlier globals it folds into its base (fedex, flora): ``<dir>/<t>``."""
-        return self.root / "state" / "flower" / str(client) / "globals"
+        return self._under("state", "flower", check_id(client), "globals")
 
     def eval_json(self, t: int) -> Path:
-        return self.root / "eval" / f"round-{t}.json"
+        return self._under("eval", f"round-{check_round(t)}.json")
 
     def client_eval_json(self, client: int | str, t: int) -> Path:
         """A client's personalised model (FedSA: global A + its private B) evaluated at round ``t``."""
-        return self.root / "eval" / "clients" / str(client) / f"round-{t}.json"
+        return self._under("eval", "clients", check_id(client), f"round-{check_round(t)}.json")
 
     def rounds(self) -> list[int]:
         """All round numbers that have a directory, ascending."""
         base = self.root / "rounds"
         if not base.is_dir():
             return []
-        return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+        # A round directory is a real directory named by plain decimal digits ("07" and symlinks are not rounds).
+        return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and str(int(p.name)) == p.name and is_real_dir(p))
 
     def published_rounds(self) -> list[int]:
         """Rounds whose global adapter has been published (the directory exists: publishing is atomic)."""

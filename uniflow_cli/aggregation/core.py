@@ -103,14 +103,30 @@ class AggregationResult:
 
 
 def normalize_weights(raw: Sequence[float]) -> Tensor:
-    """w_k = raw_k / Σ raw (float64). Every raw weight must be finite and > 0."""
+    """w_k = raw_k / Σ raw (float64). Every raw weight must be finite and > 0.
+
+    Dividing by the largest weight (when Σ overflows) keeps Σ finite for weights near the float64 limit (three weights
+    of 1e308 would otherwise sum to inf and normalise to 0, zeroing the global). The result is checked:
+    finite, > 0 and summing to 1 within 1e-12, or an error — never a silently wrong weighting.
+    """
     if not raw:
         raise UsageError("no client weights", fix="give one weight per client")
+    values = []
     for value in raw:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise UsageError(f"client weight {value!r} must be a finite number > 0", fix="e.g. --weights 3,1,2")
-    w = torch.tensor([float(v) for v in raw], dtype=torch.float64)
-    return w / w.sum()
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an int beyond float64
+            number = math.inf
+        if not (math.isfinite(number) and number > 0):
+            raise UsageError(f"client weight {value!r:.40} must be a finite number > 0", fix="e.g. --weights 3,1,2")
+        values.append(number)
+    w = torch.tensor(values, dtype=torch.float64)
+    if not math.isfinite(float(w.sum())):
+        w = w / w.max()  # only then: ordinary weights keep their exact bytes of earlier versions
+    w = w / w.sum()
+    if not (bool(torch.isfinite(w).all()) and bool((w > 0).all()) and abs(float(w.sum()) - 1.0) <= 1e-12):
+        raise UsageError(f"client weights {values} do not normalise to finite positive shares summing to 1", fix="use weights of similar magnitude")
+    return w
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,16 @@ def _check_frozen_A(client: ClientUpdate, key: str, A: Tensor, reference: Tensor
         )
 
 
+def _check_output(tensors: Mapping[str, Tensor], residual: Mapping[str, Tensor]) -> None:
+    """A global that is non-finite, or zero in every tensor, is never published: it can only come from
+    broken inputs (overflowing factors, all-zero uploads) and would silently reset every client."""
+    for key, tensor in [*tensors.items(), *residual.items()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AggregationError(f"the fused {key} is not finite (an input overflows float32)", fix="check the client adapters' values")
+    if tensors and all(not bool(t.any()) for t in [*tensors.values(), *residual.values()]):
+        raise AggregationError("every tensor of the fused global is zero", fix="check the client adapters: they hold only zeros")
+
+
 def aggregate(
     clients: Sequence[ClientUpdate],
     raw_weights: Sequence[float],
@@ -313,6 +339,7 @@ def aggregate(
     for key in other_keys:
         tensors[key] = linalg.weighted_average([client.get(key) for client in clients], weights)
 
+    _check_output(tensors, residual)
     notes = []
     if method.name == "fedsa":
         notes.append("fedsa: the global carries A and shared tensors only; each client keeps its own B")

@@ -24,11 +24,15 @@ EPILOG = """[bold]Examples[/bold]
   [dim]# FedSA: client 0's personalised model of round 3 (writes eval/clients/0/round-3.json)[/dim]
   uniflow evaluate --round 3 --client 0
 
+  [dim]# only some test splits, on purpose (otherwise every split data/partition.json lists must be there)[/dim]
+  uniflow evaluate --round 3 --modalities image,text
+
   [dim]# quick look: 20 samples per modality, short answers[/dim]
   uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json
 
 Writes eval/round-<T>.json (workspace) or --out FILE: Acc (teacher-forced token accuracy), EM, BLEU, ROUGE-L
-and BERTScore P/R/F1 per modality and overall, the config, and a few predictions. See docs/evaluation.md."""
+and BERTScore P/R/F1 per modality and overall (metrics.overall.modalities says which it pools), the config, and a
+few predictions. Prompts are cut to the model's max length (512 tokens, or fewer positions). See docs/evaluation.md."""
 
 
 def evaluate(
@@ -61,6 +65,12 @@ def evaluate(
         Optional[str],
         typer.Option("--client", "-c", help="FedSA: client K's personalised model (the global A + its private B of that round).", show_default=False),
     ] = None,
+    modalities: Annotated[
+        Optional[str],
+        typer.Option("--modalities", "-m", help="Evaluate only these modalities, comma-separated (default: every test split; "
+                     "a split data/partition.json lists must then be present).", show_default=False),
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1).", show_default=False)] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
     ] = None,
@@ -73,8 +83,11 @@ def evaluate(
 
     from uniflow_cli.cli.console import err, notice
     from uniflow_cli.cli.console import out as console
+    from uniflow_cli.cli.local_train import set_threads
     from uniflow_cli.evaluation import run_evaluate
-    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES
+    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
+
+    set_threads(threads)
 
     with Progress(
         TextColumn("[bold]evaluate[/bold] {task.description}"),
@@ -100,6 +113,7 @@ def evaluate(
             bertscore_model=bertscore_model,
             bertscore_layers=bertscore_layers,
             client=client,
+            modalities=None if modalities is None else modalities.split(","),
             on_batch=lambda done, total, phase: progress.update(task, description=phase, completed=done, total=total),
             on_status=lambda message: progress.update(task, description=message),
         )
@@ -111,7 +125,8 @@ def evaluate(
     if client is not None:
         what = f"{what} + client {client}'s private B"
     for modality, values in metrics.items():
-        table = Table(title=f"{modality} · round {result.round} (%)", title_justify="left")
+        name = f"{OVERALL} ({', '.join(values.get('modalities', []))})" if modality == OVERALL else modality
+        table = Table(title=f"{name} · round {result.round} (%)", title_justify="left")
         for key in METRIC_KEYS:
             table.add_column(METRIC_TITLES[key], justify="right")
         table.add_column("n", justify="right")

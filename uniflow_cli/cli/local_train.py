@@ -22,6 +22,19 @@ EPILOG = """[bold]Examples[/bold]
   uniflow local-train --client 0 --stage-by round --total-rounds 10 --stage-tau 0.5"""
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads N`` (shared with evaluate): a bad count is one line, not torch's RuntimeError."""
+    if threads is None:
+        return
+    if threads < 1:
+        from uniflow_cli.errors import UsageError
+
+        raise UsageError(f"--threads {threads} must be >= 1", fix="use --threads 1 or more (or omit it: torch picks)")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def local_train(
     client: Annotated[Optional[str], typer.Option("--client", "-c", help="Client id (its shard is data/clients/<id>).", show_default=False)] = None,
     stage_tau: Annotated[Optional[float], typer.Option("--stage-tau", "--tau", help="τ of Eq. 7: share of local steps (or rounds) in stage I (encoders).", show_default=False)] = None,
@@ -34,10 +47,12 @@ def local_train(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[Optional[float], typer.Option("--lr", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate token sequences to this length.", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token budget of one training sequence (prompt + answer), applied while tokenising; "
+                          "default 512, or the LLM's max_position_embeddings if fewer. Too long: the answer's tail is cut (the question too, "
+                          "if it would leave the answer under a quarter); the summary counts the cut examples.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: same inputs and seed give the same bytes.", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the uploaded tensors: float32, bfloat16 (half the bytes) or float16.")] = "float32",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1).", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Override the method recorded in the global (fedit, ffa, fedsa, fedex, fedA2, svd, flora).", show_default=False)] = None,
     round_: Annotated[Optional[int], typer.Option("--round", "-t", help="The round to train for (reads round T-1's global). Default: the next one.", show_default=False)] = None,
     global_dir: Annotated[Optional[Path], typer.Option("--global", help="Explicit mode: the global adapter to start from.", show_default=False)] = None,
@@ -57,10 +72,7 @@ def local_train(
     from uniflow_cli.cli.render import human_bytes
     from uniflow_cli.training import LocalTrainConfig, run_local_train, train_defaults
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     defaults = train_defaults(workspace)
     cfg = LocalTrainConfig(
         tau=stage_tau if stage_tau is not None else defaults.tau,
@@ -91,6 +103,7 @@ def local_train(
         f"[green]published[/green] {outcome.out}  round {outcome.round}, method {outcome.method}, {s.num_examples} examples, "
         f"{s.steps} steps ({per_stage}), loss {s.first_loss:.4f} → {s.last_loss:.4f}, {s.seconds:.1f} s, "
         f"upload {human_bytes(outcome.upload_bytes)}" + (f"; private B kept in {outcome.state_dir}" if outcome.state_dir else "")
-        + (f"; folded rounds {outcome.folded_rounds} into the base" if outcome.folded_rounds else ""),
+        + (f"; folded rounds {outcome.folded_rounds} into the base" if outcome.folded_rounds else "")
+        + (f"; {s.truncated} of {s.num_examples} examples cut to {s.max_length} tokens" if s.truncated else ""),
         soft_wrap=True,
     )

@@ -17,7 +17,7 @@ EPILOG = """[bold]Examples[/bold]
 
   uniflow partition -d my_qa.jsonl --question-column prompt --answer-column reply --clients mixed:4 --scheme quantity --alpha 1 --out data/
 
-Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text). A path may be a .jsonl/.json/.csv/.parquet file (media paths relative to it), a save_to_disk directory, or an image/audio folder with metadata.jsonl (file_name, question, answer).
+Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text). A path may be a .jsonl/.json/.csv/.parquet file (media paths relative to it), a save_to_disk directory, or an image/audio folder with metadata.jsonl (file_name, question, answer). Media paths must stay inside the dataset's directory (symlinks followed) unless --allow-media-outside DIR names another trusted directory.
 
 Writes DATA/clients/<k>/, DATA/test/<modality>/ and DATA/partition.json (DATA = WORKSPACE/data or --out)."""
 
@@ -44,6 +44,13 @@ def partition(
     media_column: Annotated[
         Optional[str],
         typer.Option("--media-column", help="Image/audio column of user datasets (default: image, else audio, else file_name in folders).", show_default=False),
+    ] = None,
+    allow_media_outside: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--allow-media-outside", help="Also accept user-dataset media files under DIR (repeatable); by default only files inside the dataset's directory are read.",
+            metavar="DIR", show_default=False,
+        ),
     ] = None,
     plot: Annotated[bool, typer.Option("--plot", help="Also write DATA/partition.png, a heat map of label share per client.")] = False,
     seed: SeedOpt = 0,
@@ -79,6 +86,7 @@ def partition(
         seed=seed,
         label_column=label_column,
         columns=Columns(question=question_column, answer=answer_column, media=media_column),
+        allow_media_outside=list(allow_media_outside or []),
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True

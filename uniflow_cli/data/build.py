@@ -8,7 +8,7 @@ Three steps, each testable alone: :func:`resolve_sources` (names/paths → :clas
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from uniflow_cli.data.partition import SCHEMES, even_sizes, label_entropy, label
 from uniflow_cli.data.schema import COLUMNS, MODALITIES
 from uniflow_cli.data.source import EITHER, TEST, TRAIN, Source
 from uniflow_cli.data.userdata import Columns
-from uniflow_cli.errors import ConfigError, DataError, UsageError
+from uniflow_cli.errors import ConfigError, DataError, UnsafeInputError, UsageError
+from uniflow_cli.paths import ID_RULE, check_id, read_regular
 
 FORMAT_VERSION = 1
 Progress = Callable[[int], None]
@@ -38,6 +39,7 @@ class PartitionRequest:
     seed: int = 0
     label_column: str | None = None  # None: the answer
     columns: Columns = field(default_factory=Columns)
+    allow_media_outside: list[Path] = field(default_factory=list)  # extra trusted roots for user media paths
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -50,10 +52,17 @@ class PartitionRequest:
             raise UsageError(f"--train-per-client {self.train_per_client} must be >= 1", fix="e.g. --train-per-client 2000")
         if self.test_per_modality < 1:
             raise UsageError(f"--test-per-modality {self.test_per_modality} must be >= 1", fix="e.g. --test-per-modality 200")
+        self.allow_media_outside = [Path(p) for p in self.allow_media_outside]
+        for root in self.allow_media_outside:
+            if not root.is_dir():
+                raise UsageError(f"--allow-media-outside {root} is not a directory", fix="name an existing directory that holds media files")
 
 
-def resolve_source(name: str, *, columns: Columns | None = None, seed: int = 0) -> Source:
-    """A built-in name (``easy-vqa``, ``spoken-qa``, ``text-qa``) or a path to a user dataset."""
+def resolve_source(
+    name: str, *, columns: Columns | None = None, seed: int = 0, allow_media_outside: Sequence[Path] = ()
+) -> Source:
+    """A built-in name (``easy-vqa``, ``spoken-qa``, ``text-qa``) or a path to a user dataset (whose media
+    paths must stay under its directory or one of ``allow_media_outside``)."""
     from uniflow_cli.data.builtin import BUILTINS, load_builtin
 
     if name in BUILTINS:
@@ -66,7 +75,7 @@ def resolve_source(name: str, *, columns: Columns | None = None, seed: int = 0) 
         )
     from uniflow_cli.data.userdata import load_user
 
-    return load_user(path, columns)
+    return load_user(path, columns, allow_media_outside=allow_media_outside)
 
 
 def resolve_sources(request: PartitionRequest) -> list[Source]:
@@ -76,7 +85,7 @@ def resolve_sources(request: PartitionRequest) -> list[Source]:
         if name in seen:
             raise UsageError(f"--dataset {name} given twice", fix="name each dataset once")
         seen.add(name)
-        out.append(resolve_source(name, columns=request.columns, seed=request.seed))
+        out.append(resolve_source(name, columns=request.columns, seed=request.seed, allow_media_outside=request.allow_media_outside))
     return out
 
 
@@ -173,12 +182,24 @@ def plan_partition(request: PartitionRequest, sources: list[Source]) -> Plan:
     return Plan(request=request, sources=sources, clients=clients, test=test, pool_rows=pool_rows)
 
 
-def _materialise(plan: Plan, picks: list[tuple[int, int]], progress: Progress | None) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _by_source(picks: list[tuple[int, int]]) -> dict[int, list[int]]:
     by_source: dict[int, list[int]] = {}
     for s, i in picks:
         by_source.setdefault(s, []).append(i)
-    for s, idx in by_source.items():  # one fetch per source: spoken-qa synthesises a batch in parallel
+    return by_source
+
+
+def _check_media(plan: Plan) -> None:
+    """Every chosen media path confined and a regular file, before anything is written (fetch re-checks)."""
+    picks = [p for rows in plan.test.values() for p in rows] + [p for c in plan.clients for rows in c.picks.values() for p in rows]
+    for s, idx in _by_source(picks).items():
+        if plan.sources[s].check is not None:
+            plan.sources[s].check(idx)
+
+
+def _materialise(plan: Plan, picks: list[tuple[int, int]], progress: Progress | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for s, idx in _by_source(picks).items():  # one fetch per source: spoken-qa synthesises a batch in parallel
         for i, row in zip(idx, plan.sources[s].fetch(idx, progress)):
             row["label"] = plan.label(s, i)
             rows.append(row)
@@ -230,6 +251,98 @@ def summary(plan: Plan) -> dict[str, Any]:
     }
 
 
+# partition.json is read back by the server (expected clients) and may have been edited or replaced by
+# anyone with access to the workspace: the fields readers use are checked, one line per problem.
+_FIX_PARTITION = "re-run 'uniflow partition --force' (or restore the file)"
+
+
+def _bad(where: str, name: str, value: Any, rule: str) -> DataError:
+    return DataError(f"{where}: {name}={value!r} {rule}", fix=_FIX_PARTITION)
+
+
+def _count(where: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, name, value, "must be an integer >= 0")
+
+
+def _modalities(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(m, str) and m in MODALITIES for m in value):
+        raise _bad(where, name, value, f"must be a list of modality names ({', '.join(MODALITIES)})")
+
+
+def _client_id(where: str, name: str, value: Any) -> str:
+    try:
+        return check_id(value)
+    except UnsafeInputError:
+        raise _bad(where, name, value, f"is not a client id ({ID_RULE}, or an integer >= 0)") from None
+
+
+def _check_client(where: str, k: int, c: Any) -> str:
+    if not isinstance(c, dict):
+        raise _bad(where, f"clients[{k}]", c, "must be an object with an id")
+    cid = _client_id(where, f"clients[{k}].id", c.get("id"))
+    if "modalities" in c:
+        _modalities(where, f"clients[{k}].modalities", c["modalities"])
+    if "count" in c:
+        _count(where, f"clients[{k}].count", c["count"])
+    counts = c.get("counts", {})
+    if not isinstance(counts, dict):
+        raise _bad(where, f"clients[{k}].counts", counts, "must be an object {modality: rows}")
+    for m, n in counts.items():
+        _modalities(where, f"clients[{k}].counts key", [m])
+        _count(where, f"clients[{k}].counts.{m}", n)
+    return cid
+
+
+def _check_modality(where: str, m: Any, d: Any) -> None:
+    _modalities(where, "modalities key", [m])
+    if not isinstance(d, dict):
+        raise _bad(where, f"modalities.{m}", d, "must be an object")
+    for name in ("train_rows", "train_pool_rows", "test_rows"):
+        if name in d:
+            _count(where, f"modalities.{m}.{name}", d[name])
+    ids = d.get("clients", [])
+    if not isinstance(ids, list):
+        raise _bad(where, f"modalities.{m}.clients", ids, "must be a list of client ids")
+    for j, cid in enumerate(ids):
+        _client_id(where, f"modalities.{m}.clients[{j}]", cid)
+
+
+def check_partition_info(info: Any, where: str = "partition.json") -> dict[str, Any]:
+    """``info`` (a parsed ``partition.json``) if the fields readers use are well typed, else DataError.
+
+    ``clients``: objects with a plain, unique ``id`` (a string or an int >= 0), known ``modalities`` and
+    counts >= 0; ``modalities``: known names with client ids and row counts. The rest is descriptive."""
+    if not isinstance(info, dict):
+        raise DataError(f"{where} holds a JSON {type(info).__name__}, not an object", fix=_FIX_PARTITION)
+    clients = info.get("clients", [])
+    if not isinstance(clients, list):
+        raise _bad(where, "clients", clients, "must be a list of objects")
+    seen: set[str] = set()
+    for k, c in enumerate(clients):
+        cid = _check_client(where, k, c)
+        if cid in seen:
+            raise _bad(where, f"clients[{k}].id", c["id"], "is listed twice")
+        seen.add(cid)
+    modalities = info.get("modalities", {})
+    if not isinstance(modalities, dict):
+        raise _bad(where, "modalities", modalities, "must be an object keyed by modality")
+    for m, d in modalities.items():
+        _check_modality(where, m, d)
+    return info
+
+
+def read_partition_info(path: Path) -> dict[str, Any]:
+    """A ``partition.json`` read safely (regular file, size-capped) and checked by :func:`check_partition_info`."""
+    try:
+        info = json.loads(read_regular(Path(path)))
+    except FileNotFoundError:
+        raise DataError(f"no partition summary at {path}", fix="run 'uniflow partition' first") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
+        raise DataError(f"{path} is unreadable ({exc})", fix=_FIX_PARTITION) from None
+    return check_partition_info(info, str(path))
+
+
 def write_partition(
     plan: Plan, out: Path, *, force: bool = False, plot: bool = False, progress: Progress | None = None
 ) -> dict[str, Any]:
@@ -241,7 +354,8 @@ def write_partition(
     from uniflow_cli.data.schema import rows_to_dataset
 
     datasets.disable_progress_bars()
-    info = summary(plan)
+    info = check_partition_info(summary(plan))  # the ids and names we write are the ones readers accept
+    _check_media(plan)
     with publish_dir(Path(out), force=force) as tmp:
         for m, picks in plan.test.items():
             rows_to_dataset(_materialise(plan, picks, progress)).save_to_disk(str(tmp / "test" / m))
@@ -305,4 +419,26 @@ def load_split(path: str | Path):
         )
     if len(ds) == 0:
         raise DataError(f"dataset {path} is empty (0 rows)", fix="re-run 'uniflow partition' with more data per client")
+    _check_embedded(ds, path)
     return ds
+
+
+def _check_embedded(ds: Any, path: Path) -> None:
+    """A shard embeds its media. A shard that names a path (or URL) instead would make ``datasets`` open it
+    on read, so a copied or edited shard could pull in any file; and decoded audio needs torchcodec."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for col, kind in (("image", datasets.Image), ("audio", datasets.Audio)):
+        feat, column = ds.features[col], ds.data.column(col)
+        if not isinstance(feat, kind) or (col == "audio" and feat.decode) or not (
+            pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0
+        ):
+            raise DataError(f"{path}: column {col!r} is {feat!r}, not embedded {col} bytes", fix="re-create it with 'uniflow partition'")
+        unembedded = pc.and_(pc.is_valid(column), pc.is_null(pc.struct_field(column, "bytes")))
+        if pc.any(unembedded).as_py():
+            row = pc.index(unembedded, True).as_py()
+            raise DataError(
+                f"{path}: row {row + 1} holds a path to its {col}, not the embedded bytes a shard carries", fix="re-create it with 'uniflow partition'"
+            )

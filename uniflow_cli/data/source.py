@@ -19,11 +19,13 @@ EITHER, TRAIN, TEST = 0, 1, 2
 
 Progress = Callable[[int], None]
 Fetch = Callable[[Sequence[int], "Progress | None"], list[dict[str, Any]]]
+Check = Callable[[Sequence[int]], None]
 
 
 @dataclass
 class Source:
-    """One input dataset. ``fetch(indices, progress)`` returns schema rows for those local indices."""
+    """One input dataset. ``fetch(indices, progress)`` returns schema rows for those local indices;
+    ``check(indices)``, if set, raises for rows whose media ``fetch`` would refuse, without reading them."""
 
     name: str
     modality: str
@@ -34,6 +36,7 @@ class Source:
     fetch: Fetch
     label_columns: dict[str, list[str]] = field(default_factory=dict)
     path: str | None = None
+    check: Check | None = None
 
     def __post_init__(self) -> None:
         self.label_columns.setdefault("answer", self.answers)

@@ -5,6 +5,10 @@ column (image or audio). Media paths are relative to the file (or folder) that n
 never decoded by ``datasets`` (that needs torchcodec): it is read with soundfile and stored as
 16 kHz mono WAV. Only the rows a partition selects are read, so one unreadable file elsewhere does
 not stop a partition; a selected one stops it with the file and row.
+
+A dataset is untrusted: its media paths, resolved (symlinks followed), must lie under the dataset's
+directory or an ``allow_media_outside`` root, and name regular files (a FIFO would hang the reader,
+a device never ends), so ``../../home/me/.ssh/id_rsa`` is never embedded into a shard.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import numpy as np
 
 from uniflow_cli.data.schema import make_row
 from uniflow_cli.data.source import EITHER, TEST, TRAIN, Progress, Source
-from uniflow_cli.errors import DataError
+from uniflow_cli.errors import DataError, UnsafeInputError
+from uniflow_cli.paths import read_regular, regular_file_problem
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
 TABLE_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLIT_ROLES = {"train": TRAIN, "test": TEST, "validation": TEST, "valid": TEST, "eval": TEST}
+MAX_MEDIA_BYTES = 256 * 1024 * 1024  # one image or clip; anything larger is a mistake, not a sample
 
 
 @dataclass
@@ -140,27 +146,73 @@ def _undecoded(part: _Part, column: str) -> None:
         part.ds = part.ds.cast_column(column, datasets.Audio(decode=False))
 
 
-def _media_bytes(value: Any, base: Path) -> tuple[bytes, str]:
-    """(bytes, where) of a path / bytes / {"bytes","path"} media value."""
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"]), str(value.get("path") or "embedded bytes")
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value), "embedded bytes"
-    if not value:
-        raise FileNotFoundError("no media value")
-    p = Path(value)
-    p = p if p.is_absolute() else base / p
-    return p.read_bytes(), str(p)
+@dataclass
+class _Media:
+    """Where the media of a dataset may come from: its modality, and the resolved allowed roots."""
+
+    modality: str
+    roots: list[Path]  # first: the dataset's own directory
+
+    def fail(self, value: Any, part: _Part, r: int, problem: str, fix: str) -> DataError:
+        return DataError(f"unreadable {self.modality} {value!r} (row {r + 1} of {part.origin}): {problem}", fix=fix)
+
+    def file(self, value: Any, part: _Part, r: int) -> Path:
+        """The regular file a path names, resolved and confined to ``roots`` (checked before any read)."""
+        if not value or not isinstance(value, str):
+            raise self.fail(value, part, r, "no media file name", fix="fill the media column or drop the row")
+        try:
+            real = (Path(value) if Path(value).is_absolute() else part.base / value).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, NUL byte
+            raise self.fail(value, part, r, f"cannot be resolved ({exc})", fix="fix the path or drop the row") from None
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise DataError(
+                f"{self.modality} path {value!r} (row {r + 1} of {part.origin}) resolves to {real}, "
+                f"outside the dataset directory {self.roots[0]}",
+                fix=f"move the file under {self.roots[0]}, or pass --allow-media-outside {real.parent} if you trust that directory",
+            )
+        problem = regular_file_problem(real, follow=True)
+        if problem == "is missing":
+            raise self.fail(value, part, r, "No such file or directory", fix="fix the path (relative to the dataset file) or drop the row")
+        if problem:
+            raise self.fail(value, part, r, f"{real} {problem}", fix="replace it by a regular file or drop the row")
+        return real
+
+    def read(self, value: Any, part: _Part, r: int) -> tuple[bytes, str]:
+        """(bytes, where) of a path / bytes / {"bytes","path"} media value."""
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                return bytes(value["bytes"]), str(value.get("path") or "embedded bytes")
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value), "embedded bytes"
+        real = self.file(value, part, r)
+        try:  # O_NONBLOCK + fstat again: the file may have been swapped for a FIFO or symlink since file()
+            return read_regular(real, limit=MAX_MEDIA_BYTES), str(real)
+        except UnsafeInputError as exc:
+            raise self.fail(value, part, r, exc.problem, fix="replace it by a regular file or drop the row") from None
+        except OSError as exc:
+            raise self.fail(value, part, r, exc.strerror or str(exc), fix="fix the path or drop the row") from None
+
+    def check(self, value: Any, part: _Part, r: int) -> None:
+        """What :meth:`read` checks before reading, without reading (embedded bytes need no check)."""
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                return
+            value = value.get("path")
+        if not isinstance(value, (bytes, bytearray)):
+            self.file(value, part, r)
 
 
-def load_user(path: str | Path, columns: Columns | None = None) -> Source:
-    """Load a user dataset as a :class:`Source` (checks columns and emptiness; media read on fetch)."""
+def load_user(path: str | Path, columns: Columns | None = None, *, allow_media_outside: Sequence[Path] = ()) -> Source:
+    """Load a user dataset as a :class:`Source` (checks columns and emptiness; media read on fetch).
+
+    Media paths must resolve under the dataset's directory (a file's parent, a folder itself) or one of
+    ``allow_media_outside``; ``Source.check`` verifies that for chosen rows before anything is written."""
     from uniflow_cli.data.media import encode_wav, load_audio
 
     columns = columns or Columns()
     path = Path(path)
+    roots = [p.resolve() for p in (path.parent if path.is_file() else path, *map(Path, allow_media_outside))]
     parts, is_folder = _parts(path)
     present = list(parts[0].ds.column_names)
     media = columns.media or next((c for c in ("image", "audio") if c in present), None)
@@ -184,6 +236,7 @@ def load_user(path: str | Path, columns: Columns | None = None) -> Source:
         for part in parts:
             _undecoded(part, media)
         modality = _modality_of(next(p for p in parts if len(p.ds)), media)
+    access = _Media(modality, roots)
 
     questions: list[str] = []
     answers: list[str] = []
@@ -217,15 +270,7 @@ def load_user(path: str | Path, columns: Columns | None = None) -> Source:
             part = parts[pi]
             media_kw: dict[str, bytes] = {}
             if modality != "text":
-                value = part.ds[r][media]
-                try:
-                    data, src = _media_bytes(value, part.base)
-                except OSError as exc:
-                    raise DataError(
-                        f"unreadable {modality} {value.get('path') if isinstance(value, dict) else value!r} "
-                        f"(row {r + 1} of {part.origin}): {exc.strerror or exc}",
-                        fix="fix the path (relative to the dataset file) or drop the row",
-                    ) from exc
+                data, src = access.read(part.ds[r][media], part, r)
                 try:
                     if modality == "image":
                         from PIL import Image
@@ -247,6 +292,11 @@ def load_user(path: str | Path, columns: Columns | None = None) -> Source:
                 progress(1)
         return rows
 
+    def check(indices: Sequence[int]) -> None:
+        for i in indices:
+            pi, r = where[int(i)]
+            access.check(parts[pi].ds[r][media], parts[pi], r)
+
     return Source(
         name=name,
         modality=modality,
@@ -257,4 +307,5 @@ def load_user(path: str | Path, columns: Columns | None = None) -> Source:
         fetch=fetch,
         label_columns=extra,
         path=str(path),
+        check=check if modality != "text" else None,
     )

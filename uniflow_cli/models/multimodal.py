@@ -19,6 +19,7 @@ A batch (from :func:`collate` / :meth:`UniflowModel.collate`) is a dict:
 ``image`` / ``audio``: ``{"rows": LongTensor of batch rows, **encoder inputs}`` for the rows that have
     that modality (absent when no row has it).
 ``ids``, ``modalities``, ``questions``, ``answers``: the samples' strings, for evaluation.
+``truncated``: per row, whether the sample was cut to fit ``max_length`` tokens (see :class:`Collator`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniflow_cli.errors import DataError, ModelError
+from uniflow_cli.errors import ConfigError, DataError, ModelError
 from uniflow_cli.models.settings import ModelSettings, PromptSettings
 
 SLOT_IDS = {"image": -1, "audio": -2}
 IGNORE_INDEX = -100
+#: Default token budget of one sequence (prompt + answer), lowered to the LLM's position table if smaller.
+#: Enough for the paper's short VQA/spoken-QA answers; caps what one hostile sample can allocate.
+DEFAULT_MAX_LENGTH = 512
 _SENTINEL = "\x00UNIFLOW_USER_TURN\x00"
 
 
@@ -63,10 +67,28 @@ class Collator:
 
     Prompt pieces are tokenised separately and concatenated, so the modality slots fall exactly
     between them; the same pieces are used for training and generation.
+
+    Every sequence is at most ``max_length`` tokens (default :data:`DEFAULT_MAX_LENGTH`, capped at
+    ``max_positions``), cut while tokenising, before any tensor is built: only a prefix of a long text
+    is tokenised. A training sequence that does not fit keeps the prompt template and modality slots
+    whole, shortens the question if it alone would crowd out the answer (the answer keeps at least a
+    quarter of the budget), and cuts the answer's tail (its EOS goes too: it did not end there), so the
+    loss always has answer tokens to learn from. A generation prompt is cut the same way (the question
+    shrinks).
     """
 
-    def __init__(self, tokenizer: Any, prompt: PromptSettings, encoders: dict[str, Any], tokens_per_modality: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt: PromptSettings,
+        encoders: dict[str, Any],
+        tokens_per_modality: int,
+        *,
+        max_positions: int | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.max_positions = max_positions
+        self.max_length = DEFAULT_MAX_LENGTH if max_positions is None else min(DEFAULT_MAX_LENGTH, max_positions)
         self.prompt = prompt
         self.encoders = encoders
         self.slots = tokens_per_modality
@@ -85,8 +107,19 @@ class Collator:
             self._memo[text] = list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
         return self._memo[text]
 
-    def prompt_pieces(self, modality: str, question: str) -> list[int]:
-        """Token ids of Eq. 4 for one sample, with ``tokens_per_modality`` slot ids for the features."""
+    def _bounded_ids(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """The first ``limit`` token ids of ``text`` and whether it has more. Only a prefix is tokenised,
+        grown until it yields more than ``limit`` tokens, so a 5 MB text costs what a short one does."""
+        chars = 8 * limit + 64
+        while True:
+            head = text[:chars]
+            ids = self.tokenizer(head, add_special_tokens=False).input_ids if head else []
+            if len(head) == len(text) or len(ids) > limit:
+                return list(ids[:limit]), len(ids) > limit
+            chars *= 4
+
+    def _head(self, modality: str) -> list[int]:
+        """BOS, P_before and the modality's tags around its slots: Eq. 4 up to the gap."""
         p = self.prompt
         ids: list[int] = []
         bos = self.tokenizer.bos_token_id
@@ -98,17 +131,79 @@ class Collator:
             ids += self._ids(p.tag("open", modality))
             ids += [SLOT_IDS[modality]] * self.slots
             ids += self._ids(p.tag("close", modality))
-            gap = p.gap
-        else:
-            gap = p.gap_text_only
-        ids += list(self.tokenizer(gap + question.strip() + p.after + self.chat_post, add_special_tokens=False).input_ids)
         return ids
 
-    def __call__(self, samples: Sequence[dict[str, Any]], *, train: bool = True) -> dict[str, Any]:
+    def _gap_and_tail(self, modality: str) -> tuple[str, str]:
+        gap = self.prompt.gap if modality in SLOT_IDS else self.prompt.gap_text_only
+        return gap, self.prompt.after + self.chat_post
+
+    def fixed_length(self, modality: str) -> int:
+        """Tokens of Eq. 4 without the question (template, tags, slots): what no cut can shorten."""
+        gap, tail = self._gap_and_tail(modality)
+        return len(self._head(modality)) + len(self._ids(gap)) + len(self._ids(tail))
+
+    def prompt_ids(self, modality: str, question: str, budget: int) -> tuple[list[int], bool]:
+        """Eq. 4's ids in at most ``budget`` tokens (``budget > fixed_length``), and whether the question was cut."""
+        question = question.strip()
+        head = self._head(modality)
+        gap, tail = self._gap_and_tail(modality)
+        q_ids, cut = self._bounded_ids(question, budget)
+        if not cut:
+            # One string, as always: a sample that fits gets exactly the ids it always got.
+            ids = head + list(self.tokenizer(gap + question + tail, add_special_tokens=False).input_ids)
+            if len(ids) <= budget:
+                return ids, False
+        room = budget - self.fixed_length(modality)
+        return head + self._ids(gap) + q_ids[:room] + self._ids(tail), True
+
+    def prompt_pieces(self, modality: str, question: str) -> list[int]:
+        """Token ids of Eq. 4 for one sample, with ``tokens_per_modality`` slot ids for the features (uncut)."""
+        head = self._head(modality)
+        gap, tail = self._gap_and_tail(modality)
+        return head + list(self.tokenizer(gap + question.strip() + tail, add_special_tokens=False).input_ids)
+
+    def check_max_length(self, max_length: int) -> int:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ConfigError(f"max_length {max_length!r} is not a positive number of tokens", fix=f"use max_length {self.max_length}")
+        if self.max_positions is not None and max_length > self.max_positions:
+            raise ConfigError(
+                f"max_length {max_length} exceeds the LLM's {self.max_positions} positions (max_position_embeddings)",
+                fix=f"use max_length {self.max_positions} or less",
+            )
+        return max_length
+
+    def _sequence(self, s: dict[str, Any], modality: str, sid: Any, limit: int, train: bool) -> tuple[list[int], list[int], bool]:
+        """(ids, labels, cut) of one sample within ``limit`` tokens; labels are [] for generation."""
+        tok = self.tokenizer
+        fixed = self.fixed_length(modality)
+        if fixed + 1 + int(train) > limit:
+            raise ConfigError(
+                f"max_length {limit} is too short for sample {sid!r}: the prompt template"
+                + (f" with its {self.slots} {modality} slots" if modality in SLOT_IDS else "")
+                + f" alone takes {fixed} tokens",
+                fix=f"use max_length {fixed + 64} or more",
+            )
+        question = str(s.get("question", ""))
+        if not train:
+            prompt, cut = self.prompt_ids(modality, question, limit)
+            return prompt, [], cut
+        answer, cut = self._bounded_ids(str(s.get("answer", "")).strip(), limit)
+        if not cut:
+            answer.append(tok.eos_token_id)
+        # The question may only crowd the answer down to a quarter of the budget (or the whole answer).
+        reserve = min(len(answer), max(1, limit // 4), limit - fixed - 1)
+        prompt, cut_question = self.prompt_ids(modality, question, limit - reserve)
+        keep = limit - len(prompt)
+        cut = cut or cut_question or len(answer) > keep
+        answer = answer[:keep]
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, cut
+
+    def __call__(self, samples: Sequence[dict[str, Any]], *, train: bool = True, max_length: int | None = None) -> dict[str, Any]:
         if not samples:
             raise DataError("cannot collate an empty batch", fix="pass at least one sample")
         tok = self.tokenizer
-        rows_ids, rows_labels = [], []
+        limit = self.max_length if max_length is None else self.check_max_length(max_length)
+        rows_ids, rows_labels, truncated = [], [], []
         media: dict[str, tuple[list[int], list[Any]]] = {m: ([], []) for m in SLOT_IDS}
         for row, s in enumerate(samples):
             modality = s.get("modality")
@@ -125,13 +220,10 @@ class Collator:
                     raise DataError(f"sample {sid!r} has modality {modality} but no {modality} value", fix="re-create the dataset")
                 media[modality][0].append(row)
                 media[modality][1].append(s[modality])
-            prompt = self.prompt_pieces(modality, str(s.get("question", "")))
-            if train:
-                answer = list(tok(str(s.get("answer", "")).strip(), add_special_tokens=False).input_ids) + [tok.eos_token_id]
-                rows_ids.append(prompt + answer)
-                rows_labels.append([IGNORE_INDEX] * len(prompt) + answer)
-            else:
-                rows_ids.append(prompt)
+            ids, labels, cut = self._sequence(s, modality, sid, limit, train)
+            rows_ids.append(ids)
+            rows_labels.append(labels)
+            truncated.append(cut)
         length = max(len(r) for r in rows_ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
@@ -151,6 +243,7 @@ class Collator:
             "modalities": [s["modality"] for s in samples],
             "questions": [str(s.get("question", "")) for s in samples],
             "answers": [str(s.get("answer", "")) for s in samples],
+            "truncated": truncated,
         }
         if train:
             batch["labels"] = labels
@@ -180,15 +273,25 @@ class UniflowModel(nn.Module):
             p.requires_grad_(False)
         for p in self.encoders.parameters():
             p.requires_grad_(False)
-        self.collator = Collator(tokenizer, settings.prompt, self._encoder_wrappers, settings.tokens_per_modality)
+        positions = getattr(getattr(llm, "config", None), "max_position_embeddings", None)
+        self.collator = Collator(
+            tokenizer, settings.prompt, self._encoder_wrappers, settings.tokens_per_modality,
+            max_positions=positions if isinstance(positions, int) and positions > 0 else None,
+        )
 
     @property
     def modalities(self) -> list[str]:
         return list(self.encoders.keys())
 
-    def collate(self, samples: Sequence[dict[str, Any]], *, train: bool = True) -> dict[str, Any]:
-        """Samples → batch (module docstring). ``train=False`` gives a left-padded prompt-only batch."""
-        return self.collator(samples, train=train)
+    @property
+    def max_length(self) -> int:
+        """The default token budget of one sequence (:data:`DEFAULT_MAX_LENGTH`, capped at the LLM's positions)."""
+        return self.collator.max_length
+
+    def collate(self, samples: Sequence[dict[str, Any]], *, train: bool = True, max_length: int | None = None) -> dict[str, Any]:
+        """Samples → batch (module docstring). ``train=False`` gives a left-padded prompt-only batch;
+        every row is cut to ``max_length`` tokens (default :attr:`max_length`)."""
+        return self.collator(samples, train=train, max_length=max_length)
 
     def encode(self, modality: str, inputs: dict[str, Any]) -> torch.Tensor:
         """Eq. 2–3 for the rows of one modality: ``(n, tokens_per_modality, d_llm)``."""
@@ -245,8 +348,8 @@ class UniflowModel(nn.Module):
         return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
 
 
-def collate(samples: Sequence[dict[str, Any]], model: Any, *, train: bool = True) -> dict[str, Any]:
+def collate(samples: Sequence[dict[str, Any]], model: Any, *, train: bool = True, max_length: int | None = None) -> dict[str, Any]:
     """Module-level form of :meth:`UniflowModel.collate` (accepts the PEFT-wrapped model too)."""
     from uniflow_cli.models.lora import unwrap
 
-    return unwrap(model).collate(samples, train=train)
+    return unwrap(model).collate(samples, train=train, max_length=max_length)

@@ -38,6 +38,18 @@ def settings_from_config(config: dict[str, Any]) -> tuple[ModelSettings, LoraSet
     return ModelSettings.from_dict(config.get("model")), LoraSettings(**lora)
 
 
+def _is_toml(path: Path) -> bool:
+    import tomllib
+
+    from uniflow_cli.errors import UniflowError
+    from uniflow_cli.paths import read_regular
+
+    try:
+        return isinstance(tomllib.loads(read_regular(path).decode("utf-8")), dict)
+    except (OSError, ValueError, UniflowError):
+        return False
+
+
 def config_dict(
     model: ModelSettings, lora: LoraSettings, seed: int, train: TrainSettings | None = None, aggregate: AggregateSettings | None = None
 ) -> dict[str, Any]:
@@ -65,9 +77,18 @@ def init_workspace(
         try:
             check_writable_target(target, force=force)
         except OutputExistsError:
+            if force:
+                raise
             raise OutputExistsError(
                 f"{target} already exists (the workspace is initialised)", fix="pass --force to re-initialise it, or choose another directory"
             ) from None
+    later = [t for t in ws.rounds() if t > 0] if ws.root.is_dir() else []
+    if force and later:
+        # A new round 0 (other model, seed or LoRA config) would no longer match the rounds built on the old one.
+        raise OutputExistsError(
+            f"{ws.root} already has rounds {later[0]}..{later[-1]} built on the current round 0; re-initialising would orphan them",
+            fix=f"move or delete {ws.root / 'rounds'} first, or initialise a new directory",
+        )
     text = dumps_config(config_dict(model, lora, seed, train, aggregate))
 
     peft_model = load_model(model, lora, seed, progress=progress)
@@ -85,7 +106,7 @@ def init_workspace(
     existed = ws.global_dir(0).exists()
     write_adapter(ws.global_dir(0), peft_config=peft_config_dict(peft_model), tensors=tensors, meta=meta, force=force)
     try:
-        write_file_atomic(ws.config_path, text.encode("utf-8"), force=force)
+        write_file_atomic(ws.config_path, text.encode("utf-8"), force=force, replaces=_is_toml, kind="uniflow.toml")
     except BaseException:
         if not existed:  # do not leave a round-0 adapter without its config
             import shutil
