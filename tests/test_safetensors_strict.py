@@ -7,6 +7,7 @@ top of the library's rules an adapter's tensors are float, at least 1-D and have
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -285,6 +286,13 @@ BASE_LEN = int.from_bytes(BASE[:8], "little")
 BASE_HEADER = json.loads(BASE[8 : 8 + BASE_LEN])
 BASE_DATA = BASE[8 + BASE_LEN :]
 
+TEXT_EDITS = [  # (old, new) pairs of header text, half of them still valid
+    ("[2, 3]", "[6]"), ("[2, 3]", "[3, 2]"), ("[2, 3]", "[1, 2, 3]"), ("[4, 2]", "[8]"), ('"F16"', '"BF16"'),
+    ('"pt"', '"p\\u00e9"'), ("{", " {"), ('"pt"', '"pt", "k": ""'), ("[0, 24]", "[-0, 24]"), ("[2, 3]", "[2, 3.0]"),
+    ('"pt"', '"\\udc00"'), ('"F32"', '"F32", "dtype": "F32"'), ('"format"', '"format": "x", "format"'),
+    ("[24, 30]", "[24, 30, 30]"), ('"pt"', "1"), ("[3]", "[3, 1]"), ("[3]", "[1, 3, 1]"), ('"F32"', '"I32"'),
+]
+ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 ints = st.one_of(st.integers(-3, 40), st.sampled_from([2**31, 2**63, 2**64, -(2**63)]))
 junk = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=True), st.text(max_size=4),
                  st.lists(ints, max_size=3), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
@@ -298,9 +306,23 @@ def header_edit(draw, h: dict) -> None:
     """One edit of the parsed header (in place): the fields the reader checks, keys, metadata."""
     names = sorted(k for k in h if k != "__metadata__")
     name = draw(st.sampled_from(names)) if names else "t"
-    kind = draw(st.sampled_from(["dtype", "shape", "offsets", "shift", "extra", "drop", "add", "remove", "metadata"]))
+    kind = draw(st.sampled_from(["dtype", "shape", "offsets", "shift", "extra", "drop", "add", "remove", "metadata",
+                                 "retype", "retype", "reshape", "reshape", "reorder"]))
     entry = h.get(name) if isinstance(h.get(name), dict) else h.setdefault(name, {})
-    if kind == "dtype":
+    sized = isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 and isinstance(entry.get("shape"), list)
+    if kind == "retype" and sized:  # the library reads these: same bytes, another dtype (integers included)
+        nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+        dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
+        if nbytes % ITEMSIZE[dtype] == 0:
+            entry["dtype"], entry["shape"] = dtype, [nbytes // ITEMSIZE[dtype]]
+    elif kind == "reshape" and sized and all(isinstance(d, int) for d in entry["shape"]):  # same numel, other shape
+        numel = math.prod(entry["shape"])
+        entry["shape"] = draw(st.sampled_from([[numel], [1, numel], [numel, 1], entry["shape"][::-1], [1, *entry["shape"]]]))
+    elif kind == "reorder":
+        items = draw(st.permutations(list(h.items())))
+        h.clear()
+        h.update(items)
+    elif kind == "dtype":
         entry["dtype"] = draw(dtypes)
     elif kind == "shape":
         entry["shape"] = draw(shapes)
@@ -327,7 +349,7 @@ def mutated(draw) -> bytes:
     """The valid BASE file after one to three mutations: byte edits, resizing, header edits, length field."""
     raw = bytearray(BASE)
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "truncate", "append", "length", "json", "json", "json", "text"]))
+        kind = draw(st.sampled_from(["flip", "truncate", "append", "length", "json", "json", "json", "text", "text"]))
         if kind == "flip" and raw:
             at = draw(st.integers(0, len(raw) - 1))
             raw[at] ^= draw(st.integers(1, 255))
@@ -337,15 +359,17 @@ def mutated(draw) -> bytes:
             raw += draw(st.binary(min_size=1, max_size=16))
         elif kind == "length" and len(raw) >= 8:
             n = int.from_bytes(raw[:8], "little")
-            new = draw(st.one_of(st.integers(-4, 4).map(lambda d: max(n + d, 0)), st.integers(0, 2**64 - 1)))
+            new = draw(st.one_of(st.integers(-4, 4).map(lambda d: min(max(n + d, 0), 2**64 - 1)), st.integers(0, 2**64 - 1)))
             raw[:8] = new.to_bytes(8, "little")
         elif kind in ("json", "text"):
             h = json.loads(json.dumps(BASE_HEADER))
             draw(header_edit(h))
             text = json.dumps(h)
-            if kind == "text":  # what json.dumps never writes but a hostile writer can
-                old = draw(st.sampled_from(['"F32"', "[2, 3]", "[4, 2]", '"pt"', "0", ":", "{"]))
-                text = text.replace(old, draw(st.sampled_from(["-0", "2.0", "1e1", '"\\ud800"', "NaN", " ", "{{", '"F32", "dtype": "F32"'])), 1)
+            if kind == "text":  # what json.dumps never writes but a hostile writer can, valid or not
+                old, new = draw(st.one_of(st.sampled_from(TEXT_EDITS), st.tuples(
+                    st.sampled_from(['"F32"', "[2, 3]", "[4, 2]", '"pt"', "0", ":", "{"]),
+                    st.sampled_from(["-0", "2.0", "1e1", '"\\ud800"', "NaN", " ", "{{", '"F32", "dtype": "F32"']))))
+                text = text.replace(old, new, 1)
             pad = " " * draw(st.integers(0, 7))
             body = (text + pad).encode("utf-8", "surrogatepass")
             raw = bytearray(struct.pack("<Q", len(body)) + body + BASE_DATA)

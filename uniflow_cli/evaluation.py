@@ -272,7 +272,7 @@ def _load_test_splits(ws: Any, model_modalities: Sequence[str], only: Sequence[s
         missing = [m for m in _partition_modalities(ws) if m in evaluable and m not in present]
         if missing:
             raise DataError(
-                f"the {missing[0]} test split {test_root / missing[0]} is missing ({ws.partition_json.name} lists {missing[0]} "
+                f"the {missing[0]} test split {test_root / missing[0]} is missing (data/partition.json lists {missing[0]} "
                 f"and the model evaluates it; present: {', '.join(present)})",
                 fix=f"restore it (re-run 'uniflow partition'), or evaluate the others on purpose with --modalities {','.join(present)}",
             )

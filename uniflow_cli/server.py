@@ -170,7 +170,7 @@ def run_aggregate(
         role="global",
         base_fingerprint=fingerprint,
         round=round_ if round_ is not None else (rounds.pop() if len(rounds) == 1 else None),
-        num_examples=sum(m.num_examples for m in metas if m.num_examples) or None,
+        num_examples=_total_examples(metas),
         modalities=sorted({mod for m in metas for mod in m.modalities}),
         method=result.method,
         extra={
@@ -213,6 +213,14 @@ def run_aggregate(
     for item in staged:
         item.commit()
     return AggregateOutcome(written, result, client_rows, sizes["tensors"], sizes["residual"], notices)
+
+
+def _total_examples(metas: Sequence[AdapterMeta]) -> int | None:
+    """Σ num_examples of the inputs, or None when unknown or beyond what uniflow.json may record (2^53)."""
+    from uniflow_cli.adapters import MAX_EXAMPLES
+
+    total = sum(m.num_examples for m in metas if m.num_examples)
+    return total if 0 < total <= MAX_EXAMPLES else None
 
 
 def is_aggregate_report(path: Path) -> bool:

@@ -122,17 +122,20 @@ def _modality_of(part: _Part, column: str) -> str:
     if isinstance(feat, datasets.Audio):
         return "audio"
     for value in part.ds[column]:
-        name = value if isinstance(value, str) else (value or {}).get("path") if isinstance(value, dict) else None
-        if name:
-            ext = Path(name).suffix.lower()
-            if ext in IMAGE_EXTS:
-                return "image"
-            if ext in AUDIO_EXTS:
-                return "audio"
-            raise DataError(
-                f"media column {column!r} of {part.origin} holds {name!r}, neither an image nor an audio file",
-                fix=f"use image files ({', '.join(sorted(IMAGE_EXTS))}) or audio files ({', '.join(sorted(AUDIO_EXTS))})",
-            )
+        name = value.get("path") if isinstance(value, dict) else value
+        if name is None or name == "" or isinstance(name, (bytes, bytearray)):
+            continue
+        if not isinstance(name, str):
+            raise DataError(f"media column {column!r} of {part.origin} holds {name!r}, not a file name", fix="write file paths as strings")
+        ext = Path(name).suffix.lower()
+        if ext in IMAGE_EXTS:
+            return "image"
+        if ext in AUDIO_EXTS:
+            return "audio"
+        raise DataError(
+            f"media column {column!r} of {part.origin} holds {name!r}, neither an image nor an audio file",
+            fix=f"use image files ({', '.join(sorted(IMAGE_EXTS))}) or audio files ({', '.join(sorted(AUDIO_EXTS))})",
+        )
     raise DataError(f"media column {column!r} of {part.origin} is empty in every row", fix="fill it or drop --media-column")
 
 
