@@ -307,7 +307,7 @@ def header_edit(draw, h: dict) -> None:
     names = sorted(k for k in h if k != "__metadata__")
     name = draw(st.sampled_from(names)) if names else "t"
     kind = draw(st.sampled_from(["dtype", "shape", "offsets", "shift", "extra", "drop", "add", "remove", "metadata",
-                                 "retype", "retype", "reshape", "reshape", "reorder"]))
+                                 "retype", "retype", "reshape", "reshape", "reorder", "empty", "empty"]))
     entry = h.get(name) if isinstance(h.get(name), dict) else h.setdefault(name, {})
     sized = isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 and isinstance(entry.get("shape"), list)
     if kind == "retype" and sized:  # the library reads these: same bytes, another dtype (integers included)
@@ -318,6 +318,9 @@ def header_edit(draw, h: dict) -> None:
     elif kind == "reshape" and sized and all(isinstance(d, int) for d in entry["shape"]):  # same numel, other shape
         numel = math.prod(entry["shape"])
         entry["shape"] = draw(st.sampled_from([[numel], [1, numel], [numel, 1], entry["shape"][::-1], [1, *entry["shape"]]]))
+    elif kind == "empty":  # the library reads a zero-size tensor at any tensor boundary
+        at = draw(st.sampled_from([0, 24, 30, 46]))
+        h["z"] = {"dtype": "F32", "shape": draw(st.sampled_from([[0], [0, 3], [2, 0]])), "data_offsets": [at, at]}
     elif kind == "reorder":
         items = draw(st.permutations(list(h.items())))
         h.clear()

@@ -258,6 +258,11 @@ def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
+def check_peft_config(config: Any, where: str) -> dict[str, Any]:
+    """A LoraConfig dict from an untrusted source (a Flower reply): the same checks as an adapter's file."""
+    return _check_peft_config(config, Path(where))
+
+
 def _check_alpha(value: Any, where: str) -> None:
     # alpha = 0 would scale every update to zero; a string would fail deep inside the math.
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
@@ -370,7 +375,7 @@ def _tensor_entry(key: str, info: Any, data_size: int) -> tuple[str, tuple[int, 
 def _check_tiling(entries: dict[str, tuple[str, tuple[int, ...], int, int]], data_size: int) -> None:
     # The library's rule: sorted by offset, the tensors cover the data section exactly, from byte 0 to the end.
     cursor = 0
-    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin > cursor:
             raise ValueError(f"bytes {cursor}..{begin} of the data section belong to no tensor (a hole before {_short(key)})")
         if begin < cursor:

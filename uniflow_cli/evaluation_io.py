@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.atomic import write_file_atomic
-from uniflow_cli.errors import DataError, UniflowError
+from uniflow_cli.errors import DataError, UniflowError, UnsafeInputError
 from uniflow_cli.metrics import METRIC_DEFINITIONS, METRIC_KEYS, OVERALL
+from uniflow_cli.paths import read_regular
 
 EVAL_FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "round", "adapter", "config", "metrics", "definitions", "samples")
@@ -139,15 +140,28 @@ def write_eval_json(path: str | Path, payload: Mapping[str, Any], force: bool = 
     """Validate ``payload`` and write it atomically to ``path`` (refuses to overwrite without ``force``)."""
     path = Path(path)
     validate_eval_payload(payload)
-    write_file_atomic(path, dumps_eval_json(payload), force=force)
+    write_file_atomic(path, dumps_eval_json(payload), force=force, replaces=_is_eval_json, kind="uniflow eval JSON")
     return path
+
+
+def _is_eval_json(path: Path) -> bool:
+    """What ``evaluate --force`` may replace: an eval JSON uniflow wrote, nothing else."""
+    try:
+        read_eval_json(path)
+    except UniflowError:
+        return False
+    return True
 
 
 def read_eval_json(path: str | Path) -> dict[str, Any]:
     """Read and validate one eval JSON; every problem is a one-line :class:`DataError` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        text = read_regular(path, follow=True).decode("utf-8")  # a FIFO here must not hang `report`/`status`
+    except UnsafeInputError as exc:
+        raise DataError(f"eval file {exc.problem}", fix="pass a regular JSON file") from None
     except FileNotFoundError:
         raise DataError(f"eval file {path} does not exist", fix="run 'uniflow evaluate' first") from None
     except IsADirectoryError:

@@ -289,10 +289,19 @@ def build_report(
     return Report(runs=runs, metrics=metric_list, table=table, markdown=markdown, pngs=pngs)
 
 
+def is_report_dir(path: Path) -> bool:
+    """What ``report --force`` may replace: a directory of report.md and plots, as this command writes."""
+    from uniflow_cli.paths import is_real_dir
+
+    if not is_real_dir(path) or not (path / REPORT_MD).is_file():
+        return False
+    return all(p.is_file() and not p.is_symlink() and p.suffix in (".md", ".png") for p in path.iterdir())
+
+
 def write_report(report: Report, out_dir: str | Path, *, force: bool = False) -> Path:
     """Publish ``report.md`` and the PNGs into ``out_dir`` atomically (refuses to replace it without force)."""
     out_dir = Path(out_dir)
-    with publish_dir(out_dir, force=force) as tmp:
+    with publish_dir(out_dir, force=force, replaces=is_report_dir, kind="uniflow report directory") as tmp:
         (tmp / REPORT_MD).write_text(report.markdown, encoding="utf-8")
         for name, data in report.pngs.items():
             (tmp / name).write_bytes(data)
@@ -309,7 +318,10 @@ def make_report(
     force: bool = False,
 ) -> Report:
     """The ``uniflow report`` command: check the output first (no wasted work), build, publish."""
-    check_writable_target(Path(out_dir), force=force)
+    for run_dir in run_dirs:  # replacing out_dir must never remove a run (the README's `report . --out report/` is fine)
+        if Path(out_dir).resolve() in (Path(run_dir).resolve(), *Path(run_dir).resolve().parents):
+            raise UsageError(f"--out {out_dir} is or contains the run {run_dir}", fix="write the report to its own directory, e.g. --out report/")
+    check_writable_target(Path(out_dir), force=force, replaces=is_report_dir, kind="uniflow report directory")
     report = build_report(run_dirs, names=names, metrics=metrics)
     write_report(report, out_dir, force=force)
     return report

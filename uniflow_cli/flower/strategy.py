@@ -23,10 +23,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore import log
 
-from uniflow_cli.adapters import AdapterMeta, LoadedAdapter, open_adapter, read_adapter, write_adapter
+from uniflow_cli.adapters import MAX_EXAMPLES, MODALITY_NAMES, AdapterMeta, LoadedAdapter, check_peft_config, open_adapter, read_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.errors import UniflowError
 from uniflow_cli.flower.records import HEADER_KEY, HISTORY_KEY, REPLY_KEY, global_header, history_record, record_to_tensors, tensors_to_record
+from uniflow_cli.paths import ID_RULE, is_valid_id
 
 
 def header_only(path: Path) -> LoadedAdapter:
@@ -121,8 +122,18 @@ class UniflowFedAvg(FedAvg):
         if self.base_fingerprint and fingerprint != self.base_fingerprint:
             return f"trained on base {fingerprint[:16] or '?'}…, the global's base is {self.base_fingerprint[:16]}…"
         num = next(iter(content.metric_records.values())).get(self.weighted_by_key)
-        if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
-            return f"{self.weighted_by_key}={num!r} is not a positive integer"
+        if isinstance(num, bool) or not isinstance(num, int) or not 0 < num <= MAX_EXAMPLES:
+            return f"{self.weighted_by_key}={str(num)[:40]!r} is not a positive integer <= 2^53"
+        client = info.get("client-id")
+        if not is_valid_id(str(client)):
+            return f"client-id {str(client)[:40]!r} is not a plain name ({ID_RULE})"
+        try:  # everything a node says is untrusted: the same checks as a file drop's adapter_config.json
+            check_peft_config(json.loads(str(info.get("peft-config"))), f"client {client} peft-config")
+            modalities = json.loads(str(info.get("modalities", "[]")))
+        except (UniflowError, ValueError, RecursionError) as exc:
+            return str(exc)[:200]
+        if not isinstance(modalities, list) or any(m not in MODALITY_NAMES for m in modalities):
+            return f"modalities {str(modalities)[:60]} is not a list of {', '.join(MODALITY_NAMES)}"
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -152,12 +163,13 @@ class UniflowFedAvg(FedAvg):
         order = sorted(accepted, key=_order)
         contents = [accepted[c].content for c in order]
         clients, raw_weights = [], []
-        for client, content in zip(order, contents):
-            info = content.config_records[REPLY_KEY]
-            clients.append(ClientUpdate(f"client {client}", record_to_tensors(content.array_records["arrays"], where=f"client {client}"), json.loads(str(info["peft-config"]))))
-            raw_weights.append(float(next(iter(content.metric_records.values()))[self.weighted_by_key]) if self.weighting == "examples" else 1.0)
         start = ClientUpdate(f"global of round {t - 1}", self.current.tensors, self.current.peft_config)
         try:
+            for client, content in zip(order, contents):
+                info = content.config_records[REPLY_KEY]
+                tensors = record_to_tensors(content.array_records["arrays"], where=f"client {client}")
+                clients.append(ClientUpdate(f"client {client}", tensors, json.loads(str(info["peft-config"]))))
+                raw_weights.append(float(next(iter(content.metric_records.values()))[self.weighted_by_key]) if self.weighting == "examples" else 1.0)
             result = aggregate(clients, raw_weights, self.options, start=start)
         except UniflowError as exc:
             log(WARNING, "round %d: aggregation failed: %s; the global is not updated", t, exc)
