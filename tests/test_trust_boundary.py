@@ -489,3 +489,27 @@ def test_a_round_writes_nothing_outside_its_workspace(ws, tmp_path):
     assert run("aggregate", "--round", "1", "-w", ws, "--method", "fedsa").exit_code == 0
     assert run("status", "-w", ws).exit_code == 0
     assert outside() == before
+
+
+def test_partition_out_never_replaces_its_dataset_or_a_foreign_directory(tmp_path):
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "qa.jsonl").write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n" for i in range(12)))
+    before = tree(tmp_path)
+    base = ("partition", "-d", data / "qa.jsonl", "--clients", "text:2", "--train-per-client", "2", "--test-per-modality", "2", "--force")
+    failed(run(*base, "--out", data), "contains the dataset")
+    failed(run(*base, "--out", tmp_path), "contains the dataset")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("precious")
+    before = tree(tmp_path)
+    failed(run(*base, "--out", tmp_path / "foreign"), "refusing to replace it, even with --force")
+    assert tree(tmp_path) == before
+    assert run(*base, "--out", tmp_path / "parts").exit_code == 0
+    assert run(*base, "--out", tmp_path / "parts").exit_code == 0  # an earlier partition is replaced
+
+
+def test_report_out_never_replaces_a_run(ws):
+    before = tree(ws)
+    failed(run("report", ws, "--out", ws, "--force"), "is or contains the run")
+    failed(run("report", ws, "--out", ws.parent, "--force"), "is or contains the run")
+    assert tree(ws) == before

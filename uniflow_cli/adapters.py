@@ -544,24 +544,23 @@ class AdapterReader(Mapping):
     def read_residual(self) -> dict[str, Any] | None:
         if not self.residual_path.exists():
             return None
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        import torch
-
         try:
-            residual = load_file(str(self.residual_path))
+            # Dtypes from the header, before any conversion: integers would be added to the base weights as if they
+            # were deltas, and some dtypes (F8_E8M0) make load_file fail with a bare KeyError.
+            with safe_open(str(self.residual_path), "pt") as handle:
+                dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+            for key, dtype in sorted(dtypes.items()):
+                if dtype not in _DTYPES:
+                    raise AdapterError(
+                        f"{self.residual_path}: tensor {_short(key)} has dtype {dtype}; residual tensors must be float ({_FLOATS})",
+                        fix="re-publish the adapter with float residuals",
+                    )
+            return load_file(str(self.residual_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"{self.residual_path} is not readable ({exc})", fix="re-publish the adapter") from None
-        floats = {getattr(torch, name) for name in _DTYPES.values()}
-        for key, tensor in sorted(residual.items()):
-            if tensor.dtype not in floats:  # integers would be added to the base weights as if they were deltas
-                raise AdapterError(
-                    f"{self.residual_path}: tensor {_short(key)} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                    f"residual tensors must be float ({_FLOATS})",
-                    fix="re-publish the adapter with float residuals",
-                )
-        return residual
 
     @property
     def label(self) -> str:

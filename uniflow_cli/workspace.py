@@ -224,14 +224,26 @@ def find_workspace(explicit: Path | None = None, *, required: bool = True, cwd: 
 # --------------------------------------------------------------------------------------------------
 # uniflow.toml reading and writing (tomllib reads; the writer covers the flat tables we emit)
 # --------------------------------------------------------------------------------------------------
+SECTIONS = ("model", "lora", "train", "aggregate")
+
+
 def load_config(path: Path) -> dict[str, Any]:
+    """``uniflow.toml`` as a dict; each known section, when present, is a table (``lora = 3`` is refused)."""
+    from uniflow_cli.errors import UnsafeInputError
+    from uniflow_cli.paths import read_regular
+
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        config = tomllib.loads(read_regular(Path(path), follow=True).decode("utf-8"))
     except FileNotFoundError as exc:
         raise WorkspaceError(f"config {path} does not exist", fix="run 'uniflow init' to create it") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except UnsafeInputError as exc:
+        raise WorkspaceError(exc.problem, fix="make uniflow.toml a regular file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise WorkspaceError(f"config {path} is not valid TOML ({exc})", fix="correct the file by hand") from exc
+    for name in SECTIONS:
+        if name in config and not isinstance(config[name], dict):
+            raise ConfigError(f"{path}: {name} = {config[name]!r:.40} must be a table ([{name}])", fix=f"write the settings under a [{name}] header")
+    return config
 
 
 def _toml_value(value: Any) -> str:

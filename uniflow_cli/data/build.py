@@ -20,7 +20,7 @@ from uniflow_cli.data.schema import COLUMNS, MODALITIES
 from uniflow_cli.data.source import EITHER, TEST, TRAIN, Source
 from uniflow_cli.data.userdata import Columns
 from uniflow_cli.errors import ConfigError, DataError, UnsafeInputError, UsageError
-from uniflow_cli.paths import ID_RULE, check_id, read_regular
+from uniflow_cli.paths import ID_RULE, check_id, overlap, read_regular
 
 FORMAT_VERSION = 1
 Progress = Callable[[int], None]
@@ -356,7 +356,7 @@ def write_partition(
     datasets.disable_progress_bars()
     info = check_partition_info(summary(plan))  # the ids and names we write are the ones readers accept
     _check_media(plan)
-    with publish_dir(Path(out), force=force) as tmp:
+    with publish_dir(Path(out), force=force, replaces=is_partition_dir, kind="uniflow partition (a directory with partition.json)") as tmp:
         for m, picks in plan.test.items():
             rows_to_dataset(_materialise(plan, picks, progress)).save_to_disk(str(tmp / "test" / m))
         for c in plan.clients:
@@ -368,6 +368,13 @@ def write_partition(
 
             plot_label_shares(info, tmp / "partition.png")
     return info
+
+
+def is_partition_dir(path: Path) -> bool:
+    """What ``partition --force`` may replace: an earlier partition's directory (it holds partition.json)."""
+    from uniflow_cli.paths import is_real_dir, regular_file_problem
+
+    return is_real_dir(path) and regular_file_problem(Path(path) / "partition.json") is None
 
 
 def partition(
@@ -383,7 +390,11 @@ def partition(
             f"data directory {out} already exists (an earlier partition)",
             fix="pass --force to replace it, or choose another --out/--workspace",
         )
-    check_writable_target(Path(out), force=force)
+    for name in [*request.datasets, *request.allow_media_outside]:
+        relation = overlap(out, name) if Path(name).exists() else None
+        if relation in ("is", "contains"):  # replacing the output would delete the dataset it is made from
+            raise UsageError(f"--out {out} {relation} the dataset {name}", fix="write the partition to its own directory")
+    check_writable_target(Path(out), force=force, replaces=is_partition_dir, kind="uniflow partition (a directory with partition.json)")
     plan = plan_partition(request, resolve_sources(request))
     progress = progress_factory(plan.total_rows) if progress_factory else None
     return write_partition(plan, out, force=force, plot=plot, progress=progress)
