@@ -13,10 +13,11 @@ from uniflow_cli.errors import AdapterError, OutputExistsError
 from tests.lora_factory import lora_tensors, peft_config
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool])
+# Adapter tensors are float and non-empty (integer dtypes and zero dims are refused: tests/test_safetensors_strict.py).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_reader_matches_the_safetensors_library(tmp_path, dtype):
     gen = torch.Generator().manual_seed(0)
-    tensors = {"a": (torch.randn(3, 5, generator=gen) * 10).to(dtype), "b.c": torch.ones(7).to(dtype), "empty": torch.zeros(0, 4).to(dtype)}
+    tensors = {"a": (torch.randn(3, 5, generator=gen) * 10).to(dtype), "b.c": torch.ones(7).to(dtype)}
     save_file(tensors, str(tmp_path / "x.safetensors"))
     ours = SafetensorsFile(tmp_path / "x.safetensors")
     ref = load_file(str(tmp_path / "x.safetensors"))

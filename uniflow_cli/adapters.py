@@ -502,10 +502,13 @@ class AdapterReader(Mapping):
             self._key_set = set(self._keys)
         except (OSError, ValueError) as exc:
             raise AdapterError(
-                f"{tensors_path} is not a readable safetensors file ({exc})", fix="the file is truncated or corrupt; re-publish it"
+                f"{tensors_path} is not a readable safetensors file ({exc})",
+                fix="re-publish it with uniflow or PEFT (float tensors in a complete safetensors file)",
             ) from None
         self.residual_path = self.path / RESIDUAL_FILE
-        if self.residual_path.exists() and verify and self.meta is not None and self.meta.residual_sha256:
+        if self.residual_path.exists() and verify and self.meta is not None:
+            if not self.meta.residual_sha256:  # an unrecorded residual would be folded into the base unverified
+                raise AdapterError(f"{self.residual_path} is not recorded in uniflow.json (no residual_sha256)", fix="re-publish the adapter")
             if file_sha256(self.residual_path) != self.meta.residual_sha256:
                 raise AdapterError(
                     f"{self.residual_path} does not match its sha256 in uniflow.json", fix="re-publish the adapter"

@@ -114,11 +114,18 @@ def render(settings: ProjectSettings) -> dict[str, str]:
     return {"pyproject.toml": pyproject, "flower-config.toml": CONNECTIONS.format(supernodes=settings.supernodes)}
 
 
+def is_project_dir(path: Path, files: dict[str, str]) -> bool:
+    """What ``flower new --force`` may replace: a directory holding only the files this command writes."""
+    from uniflow_cli.paths import is_real_dir
+
+    return is_real_dir(path) and all(p.name in files and p.is_file() and not p.is_symlink() for p in Path(path).iterdir())
+
+
 def write_project(out: Path, settings: ProjectSettings, *, force: bool = False) -> Path:
     from uniflow_cli.atomic import publish_dir
 
     files = render(settings)
-    with publish_dir(Path(out), force=force) as tmp:
+    with publish_dir(Path(out), force=force, replaces=lambda p: is_project_dir(p, files), kind="uniflow Flower app directory") as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out)
