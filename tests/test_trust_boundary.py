@@ -513,3 +513,24 @@ def test_report_out_never_replaces_a_run(ws):
     failed(run("report", ws, "--out", ws, "--force"), "is or contains the run")
     failed(run("report", ws, "--out", ws.parent, "--force"), "is or contains the run")
     assert tree(ws) == before
+
+
+@pytest.mark.parametrize("out_of", [lambda g, d: d, lambda g, d: g, lambda g, d: g / "sub", lambda g, d: d.parent])
+def test_local_train_out_never_touches_its_inputs(ws, tmp_path, out_of):
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    before = tree(ws)
+    result = run("local-train", "--global", g, "--data", d, "--out", out_of(g, d), "-w", ws, "--steps", "1", "--force")
+    failed(result, "--out", code=2)
+    assert tree(ws) == before
+
+
+def test_local_train_force_replaces_only_a_client_drop(ws, tmp_path):
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("precious")
+    before = tree(tmp_path / "foreign")
+    failed(run("local-train", "--global", g, "--data", d, "--out", tmp_path / "foreign", "-w", ws, "--steps", "1", "--force"), "even with --force")
+    assert tree(tmp_path / "foreign") == before
+    for _ in range(2):  # the second run replaces the first run's drop
+        result = run("local-train", "--global", g, "--data", d, "--out", tmp_path / "drop", "-w", ws, "--steps", "1", "--force")
+        assert result.exit_code == 0, result.output
