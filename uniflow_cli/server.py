@@ -129,6 +129,31 @@ def run_aggregate(
     """Validate every input, fuse, publish ``out`` atomically, write the report. Nothing is written on error."""
     import torch
 
+    _check_targets(inputs, out, dtype=dtype, force=force, report_path=report_path, start=start)
+    notices: list[str] = []
+    readers = [open_adapter(p) for p in inputs]
+    start_reader = open_adapter(start) if start is not None else None
+    _check_metadata(readers, start_reader)
+    raw_weights = _client_weights(readers, weighting, weights, notices)
+
+    clients = [ClientUpdate(r.label, r, r.peft_config) for r in readers]
+    start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config) if start_reader else None
+    result = aggregate(clients, raw_weights, options, start=start_update, on_layer=on_layer)
+
+    torch_dtype = getattr(torch, dtype)
+    tensors = {k: v.to(torch_dtype) for k, v in result.tensors.items()}
+    client_rows = [
+        {"client_id": r.meta.client_id if r.meta else None, "path": str(r.path), "num_examples": r.meta.num_examples if r.meta else None, "weight": w}
+        for r, w in zip(readers, result.weights)
+    ]
+    options_row = {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": weighting, "dtype": dtype}
+    meta = _global_meta([r.meta for r in readers if r.meta is not None], result, round_, client_rows, options_row)
+    written, sizes = _publish(out, result, tensors, meta, report_path, force=force)
+    return AggregateOutcome(written, result, client_rows, sizes["tensors"], sizes["residual"], notices)
+
+
+def _check_targets(inputs: Sequence[Path], out: Path, *, dtype: str, force: bool, report_path: Path | None, start: Path | None) -> None:
+    """Everything about the command's inputs and outputs that can be checked before any work."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", fix="use --dtype float32")
     if not inputs:
@@ -142,44 +167,27 @@ def run_aggregate(
     if report_path is not None:
         check_writable_target(Path(report_path), force=force, replaces=is_aggregate_report, kind="uniflow aggregate report")
 
-    notices: list[str] = []
-    readers = [open_adapter(p) for p in inputs]
-    start_reader = open_adapter(start) if start is not None else None
-    _check_metadata(readers, start_reader)
-    raw_weights = _client_weights(readers, weighting, weights, notices)
 
-    clients = [ClientUpdate(r.label, r, r.peft_config) for r in readers]
-    start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config) if start_reader else None
-    result = aggregate(clients, raw_weights, options, start=start_update, on_layer=on_layer)
-
-    torch_dtype = getattr(torch, dtype)
-    tensors = {k: v.to(torch_dtype) for k, v in result.tensors.items()}
-    metas = [r.meta for r in readers if r.meta is not None]
-    fingerprint = next((m.base_fingerprint for m in metas if m.base_fingerprint), None)
+def _global_meta(
+    metas: Sequence[AdapterMeta], result: AggregationResult, round_: int | None, client_rows: list[dict[str, Any]], options_row: dict[str, Any]
+) -> AdapterMeta:
+    """The global's ``uniflow.json``: what the inputs agree on, the method's summary and the clients fused."""
     rounds = {m.round for m in metas if m.round is not None}
-    client_rows = [
-        {
-            "client_id": r.meta.client_id if r.meta else None,
-            "path": str(r.path),
-            "num_examples": r.meta.num_examples if r.meta else None,
-            "weight": w,
-        }
-        for r, w in zip(readers, result.weights)
-    ]
-    meta = AdapterMeta(
+    return AdapterMeta(
         role="global",
-        base_fingerprint=fingerprint,
+        base_fingerprint=next((m.base_fingerprint for m in metas if m.base_fingerprint), None),
         round=round_ if round_ is not None else (rounds.pop() if len(rounds) == 1 else None),
         num_examples=_total_examples(metas),
         modalities=sorted({mod for m in metas for mod in m.modalities}),
         method=result.method,
-        extra={
-            "aggregation": result.summary(),
-            "options": {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": weighting, "dtype": dtype},
-            "clients": client_rows,
-            "notes": result.notes,
-        },
+        extra={"aggregation": result.summary(), "options": options_row, "clients": client_rows, "notes": result.notes},
     )
+
+
+def _publish(
+    out: Path, result: AggregationResult, tensors: dict[str, Any], meta: AdapterMeta, report_path: Path | None, *, force: bool
+) -> tuple[Path, dict[str, int]]:
+    """Publish the global and then the report, with nothing left to fail after the global's rename."""
     sizes: dict[str, int] = {}
     staged: list[StagedFile] = []
 
@@ -193,7 +201,7 @@ def run_aggregate(
             report = {
                 **result.summary(),
                 "out": str(out),
-                "clients": client_rows,
+                "clients": meta.extra["clients"],
                 "options": meta.extra["options"],
                 "tensor_bytes": sizes["tensors"],
                 "residual_bytes": sizes["residual"],
@@ -212,7 +220,7 @@ def run_aggregate(
         raise
     for item in staged:
         item.commit()
-    return AggregateOutcome(written, result, client_rows, sizes["tensors"], sizes["residual"], notices)
+    return written, sizes
 
 
 def _total_examples(metas: Sequence[AdapterMeta]) -> int | None:
