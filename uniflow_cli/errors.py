@@ -27,7 +27,50 @@ class UsageError(UniflowError):
 
 
 class ConfigError(UniflowError):
-    """A config value out of range (r, lora_alpha, tau, lambda_, ...)."""
+    """A setting out of range (r, lora_alpha, tau, lambda_, ...), raised in library terms.
+
+    Built with :meth:`invalid`, it knows the setting's ``field`` (the paper's name: ``tau``, ``lambda_``),
+    the ``value`` given, the ``rule`` it breaks and an ``example`` of a good value, so that each front end
+    names the setting its own way: the CLI as the flag (``--stage-tau 1.5 must be in [0, 1]. Fix: use
+    --stage-tau 0.25``), the settings resolver as the uniflow.toml key, Flower as the run-config key
+    (:meth:`renamed`). Raised with a plain message it is just a one-line error.
+    """
+
+    def __init__(self, message: str, *, fix: str | None = None, field: str | None = None, value: object = None,
+                 rule: str | None = None, example: object = None) -> None:
+        super().__init__(message, fix=fix)
+        self.field = field
+        self.value = value
+        self.rule = rule
+        self.example = example
+
+    @classmethod
+    def invalid(cls, field: str, value: object, rule: str, *, example: object = None, fix: str | None = None) -> ConfigError:
+        """``field=value rule``, fixed by ``set field = example`` (or the given ``fix``)."""
+        key = field.rstrip("_")
+        return cls(f"{key}={_shown(value)} {rule}", fix=fix or (f"set {key} = {_shown(example)}" if example is not None else None),
+                   field=field, value=value, rule=rule, example=example)
+
+    def renamed(self, name: str, *, style: str = "flag", where: str | None = None) -> ConfigError:
+        """The same error naming the setting as a front end does.
+
+        ``flag``: ``--stage-tau 1.5 … Fix: use --stage-tau 0.25``; ``toml``: ``{where}: tau=1.5 … Fix:
+        write tau = 0.25 in {where}``; ``key`` (Flower's run config): ``stage-tau=1.5 … Fix: set stage-tau=0.25``.
+        The result has no ``field`` left: it is in its final terms."""
+        if self.rule is None:
+            problem = f"{where}: {self.problem}" if where else self.problem
+            return ConfigError(problem, fix=self.fix)
+        example = self.example
+        if style == "flag":
+            problem = f"{name} {_flag_value(self.value)} {self.rule}"
+            fix = f"use {name} {_flag_value(example)}" if example is not None else self.fix
+        elif style == "toml":
+            problem = f"{where + ': ' if where else ''}{name}={_shown(self.value)} {self.rule}"
+            fix = f"write {name} = {_shown(example)} in {where or 'uniflow.toml'}" if example is not None else self.fix
+        else:
+            problem = f"{name}={_shown(self.value)} {self.rule}"
+            fix = f"set {name}={_shown(example)}" if example is not None else self.fix
+        return ConfigError(problem, fix=fix)
 
 
 class AdapterError(UniflowError):
@@ -69,3 +112,24 @@ class TrainingError(UniflowError):
 class UnsafeInputError(UniflowError):
     """Untrusted input that would escape its root, block, or be mistaken for something else: an id that is
     not a plain name, a path outside its root, a symlink, FIFO or device where a regular file is expected."""
+
+
+def _shown(value: object) -> str:
+    """A value as the user wrote it in a config: true/false, numbers, quoted strings."""
+    import json
+
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value) if len(value) <= 60 else json.dumps(value[:57] + "...")
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _flag_value(value: object) -> str:
+    """A value as it is typed after a flag: plain strings and numbers, true/false."""
+    if isinstance(value, str) and value and " " not in value and len(value) <= 60:
+        return value
+    return _shown(value)

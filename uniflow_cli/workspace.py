@@ -4,7 +4,7 @@ A workspace is found the way git finds a repository: ``--workspace DIR``, else `
 else the nearest parent of the current directory holding ``uniflow.toml``. Layout::
 
     fed/
-      uniflow.toml                    experiment config (sections [model], [lora], [train], [aggregate])
+      uniflow.toml                    experiment config (sections [model], [lora], [train], [aggregate]: settings.py)
       data/partition.json             clients, modalities, counts, label histograms, seed
       data/clients/<k>/ data/test/<modality>/
       rounds/<t>/global/              what the server published for round t (round 0 = initial adapter)
@@ -23,94 +23,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
-from dataclasses import dataclass, field
+import tomllib  # Python >= 3.11 (pyproject's requires-python; tests/test_packaging.py checks the floor)
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import ConfigError, WorkspaceError
 from uniflow_cli.paths import check_id, check_round, confined, is_real_dir
+from uniflow_cli.settings import AggregateSettings, LoraSettings, TrainSettings  # noqa: F401  (the tables live in settings.py)
 
 CONFIG_NAME = "uniflow.toml"
 ENV_VAR = "UNIFLOW_WORKSPACE"
-
-
-# --------------------------------------------------------------------------------------------------
-# Config dataclasses (the paper's names; validated in __post_init__ like peft's configs)
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters shared by every client of an experiment."""
-
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    llm_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    encoder_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"])
-
-    def __post_init__(self) -> None:
-        from uniflow_cli.models.settings import check_field_types  # lazy: the one set of type rules for config tables
-
-        check_field_types(self, "lora")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora r={self.r!r} must be a positive integer", fix="set r = 8 (or 4, 16, ...)")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number", fix="set lora_alpha = 2*r")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)", fix="set lora_dropout = 0.05")
-
-
-@dataclass
-class TrainSettings:
-    """Local-training defaults (Eq. 7's tau is the fraction of local steps spent in stage I)."""
-
-    tau: float = 0.25
-    steps: int = 20
-    batch_size: int = 4
-    lr: float = 2e-4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from uniflow_cli.models.settings import check_field_types  # lazy: the one set of type rules for config tables
-
-        check_field_types(self, "train")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ConfigError(f"tau={self.tau!r} must be in [0, 1]", fix="use --stage-tau 0.25 (the paper's best)")
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps!r} must be >= 1", fix="use --steps 20")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1", fix="use --batch-size 4")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr={self.lr!r} must be a finite number > 0", fix="use --lr 2e-4")
-        if self.seed < 0:  # numpy's generators refuse negative seeds
-            raise ConfigError(f"seed={self.seed!r} must be >= 0", fix="use --seed 0")
-
-
-@dataclass
-class AggregateSettings:
-    """Server-side defaults: the method and FedA²-LoRA's Tikhonov term (Eq. 13)."""
-
-    method: str = "fedA2"
-    lambda_: float = 1.0
-    ridge: str = "auto"
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        from uniflow_cli.aggregation.methods import METHODS  # lazy: imports torch
-        from uniflow_cli.models.settings import check_field_types
-
-        check_field_types(self, "aggregate", keys={"lambda_": "lambda"})
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}", fix="use --method fedA2")
-        if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
-            raise ConfigError(f"lambda={self.lambda_!r} must be a finite number >= 0", fix="use --lambda 1.0")
-        if self.ridge not in ("auto", "always", "never"):
-            raise ConfigError(f"ridge={self.ridge!r} is not one of auto|always|never", fix="use --ridge auto")
-        if self.weighting not in ("examples", "uniform"):
-            raise ConfigError(f"weighting={self.weighting!r} is not examples|uniform", fix="use --weighting examples")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,26 +1,28 @@
 """Federated LoRA aggregation: pure math on tensors (no paths, no printing).
 
-- :mod:`.linalg`  — per-layer linear algebra (Eq. 9–13, truncated SVD, Gram-based errors)
-- :mod:`.methods` — one function per method and the registry ``METHODS``
-- :mod:`.core`    — validation and the layer-by-layer driver ``aggregate``
+- :mod:`.registry` — what each method is (torch-free): uploads, frozen A, stacking, residual, private B
+- :mod:`.linalg`   — per-layer linear algebra (Eq. 9–13, truncated SVD, Gram-based errors)
+- :mod:`.methods`  — one function per method fusing one layer, bound to its spec in ``METHODS``
+- :mod:`.core`     — validation and the layer-by-layer driver ``aggregate``
+
+The package imports torch only when a torch-backed name is used, so ``aggregation.registry`` stays light.
 """
 
-from uniflow_cli.aggregation.core import (
-    AggregationOptions,
-    AggregationResult,
-    ClientUpdate,
-    LayerReport,
-    aggregate,
-    normalize_weights,
-)
-from uniflow_cli.aggregation.methods import METHODS
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "AggregationOptions",
-    "AggregationResult",
-    "ClientUpdate",
-    "LayerReport",
-    "aggregate",
-    "normalize_weights",
-]
+from typing import Any
+
+_LAZY = {
+    "AggregationOptions": "core", "AggregationResult": "core", "ClientUpdate": "core", "LayerReport": "core",
+    "aggregate": "core", "normalize_weights": "core", "METHODS": "methods",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"uniflow_cli.aggregation.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'uniflow_cli.aggregation' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""One function per aggregation method, each fusing ONE LoRA layer; and the registry.
+"""One function per aggregation method, each fusing ONE LoRA layer, bound to its spec (:mod:`.registry`).
 
 Every method receives the clients' factors of a layer, rank-padded and with each client's PEFT scaling
 folded into B relative to the output's scaling, so that for every method the published adapter's
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from uniflow_cli.aggregation import linalg
+from uniflow_cli.aggregation.registry import SPECS, MethodSpec
 
 Tensor = torch.Tensor
 
@@ -52,7 +53,7 @@ def _fedit(x: LayerInputs) -> LayerOutput:
 
 
 def _ffa(x: LayerInputs) -> LayerOutput:
-    # A is frozen at its initial value on every client; core.validate checked that it really is.
+    # A is frozen at its initial value on every client; core._plan checked that it really is.
     A = x.start_A if x.start_A is not None else x.As[0]
     return LayerOutput(A.to(linalg.work_dtype(A)).clone(), linalg.weighted_average(x.Bs, x.weights))
 
@@ -89,23 +90,16 @@ def _flora(x: LayerInputs) -> LayerOutput:
 
 @dataclass(frozen=True)
 class Method:
-    name: str
+    """A method's spec (what it is: :mod:`.registry`) bound to the function that fuses one layer."""
+
+    spec: MethodSpec
     fuse: Callable[[LayerInputs], LayerOutput]
-    needs_A: bool  # every client must upload A
-    needs_B: bool  # every client must upload B
-    pads: bool  # heterogeneous ranks are zero-padded to the largest (flora stacks the true ranks)
-    summary: str
+
+    def __getattr__(self, name: str) -> object:  # name, needs_A, frozen_A, stacks_ranks, ... from the spec
+        return getattr(self.spec, name)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("fedit", _fedit, True, True, True, "FedIT: average A and B separately (the 'LoRA' baseline)"),
-        Method("ffa", _ffa, False, True, True, "FFA-LoRA: A frozen at its initial value, average B"),
-        Method("fedsa", _fedsa, True, False, True, "FedSA-LoRA: share and average A; each client keeps its B"),
-        Method("fedex", _fedex, True, True, True, "FedEx-LoRA: average A, B + dense residual folded into W0"),
-        Method("fedA2", _fedA2, True, True, True, "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
-        Method("svd", _svd, True, True, True, "best rank-r approximation of Σ w_k B_k A_k (reference optimum)"),
-        Method("flora", _flora, True, True, False, "FLoRA: stack the factors (rank Σ r_k), merge into the base"),
-    )
+_FUSE: dict[str, Callable[[LayerInputs], LayerOutput]] = {
+    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "fedex": _fedex, "fedA2": _fedA2, "svd": _svd, "flora": _flora,
 }
+METHODS: dict[str, Method] = {name: Method(spec, _FUSE[name]) for name, spec in SPECS.items()}

@@ -7,53 +7,12 @@ import torch and the heavy libraries inside their function bodies, so ``uniflow 
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
 
-import click
 import typer
-from typer.core import TyperGroup
 
 from uniflow_cli import __version__
-from uniflow_cli.errors import UniflowError
-
-
-def _debug() -> bool:
-    return os.environ.get("UNIFLOW_DEBUG", "") not in ("", "0", "false", "no")
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-class UniflowGroup(TyperGroup):
-    """The single error boundary: everything a subcommand raises passes through here."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UniflowError as exc:
-            from uniflow_cli.cli.console import err
-
-            if _debug():
-                err.print_exception()
-            err.print(f"[bold red]error:[/bold red] {_escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit):
-            raise
-        except KeyboardInterrupt:
-            raise
-        except OSError as exc:  # disk full, permission denied, ...: the user can act on these
-            from uniflow_cli.cli.console import err
-
-            if _debug():
-                err.print_exception()
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            err.print(f"[bold red]error:[/bold red] {_escape(exc.strerror or str(exc))}{_escape(where)}", soft_wrap=True)
-            raise typer.Exit(1) from None
+from uniflow_cli.cli.boundary import UniflowGroup
 
 
 EPILOG = """[bold]Examples[/bold]

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from uniflow_cli.cli.boundary import UniflowGroup
+
 EPILOG = """[bold]Examples[/bold]
 
   uniflow data show fed/data/clients/3
@@ -16,6 +18,7 @@ EPILOG = """[bold]Examples[/bold]
 Previews (PNG images, 16 kHz WAV audio) go to --preview DIR (must not exist), else to a new temporary directory."""
 
 app = typer.Typer(
+    cls=UniflowGroup,
     name="data",
     help="Look at partitioned data (client shards and test splits).",
     no_args_is_help=True,

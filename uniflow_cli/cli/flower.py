@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from uniflow_cli.cli.boundary import UniflowGroup
+
 from uniflow_cli.cli.options import ForceOpt
 
 EPILOG = """[bold]Examples[/bold]
@@ -18,7 +20,7 @@ EPILOG = """[bold]Examples[/bold]
 
 Needs the optional extra: pip install 'uniflow-cli[flower]'. See docs/flower.md."""
 
-flower_app = typer.Typer(help="Run a uniflow federation on the Flower engine.", no_args_is_help=True)
+flower_app = typer.Typer(cls=UniflowGroup, help="Run a uniflow federation on the Flower engine.", no_args_is_help=True)
 
 
 @flower_app.command("new", epilog=EPILOG)

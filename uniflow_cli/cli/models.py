@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from uniflow_cli.cli.boundary import UniflowGroup
+
 EPILOG = """[bold]Examples[/bold]
 
   uniflow models prepare                 [dim]# convert SmolLM2 + DINOv2 + Whisper once (~1 min), verified[/dim]
@@ -17,6 +19,7 @@ EPILOG = """[bold]Examples[/bold]
 The cache lives in $UNIFLOW_CACHE/models (default ~/.cache/uniflow/models)."""
 
 models_app = typer.Typer(
+    cls=UniflowGroup,
     name="models",
     help="Prepare and list the models (the embedded offline default and the test preset).",
     epilog=EPILOG,

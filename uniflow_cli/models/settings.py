@@ -7,68 +7,17 @@ paper: Eq. 3's ``Pool`` and projector ``P``, Eq. 4's ``P_before``, ``P_gap``, ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from uniflow_cli.errors import ConfigError, UsageError
+from uniflow_cli.settings import check_field_types, check_keys
+from uniflow_cli.settings import toml_type as _toml_type
 
 PRESETS = ("smol", "tiny-random", "custom")
 MODALITIES = ("image", "audio")  # text needs no encoder
 POOLS = ("cls", "mean", "adaptive")
-
-# What each field annotation accepts. TOML hands over any type, so every config dataclass checks these
-# first in __post_init__: the range checks after it then compare numbers with numbers. bool is a
-# subclass of int in Python but never a count; an int is a fine float; a str is never split into a list.
-_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
-    "list[str]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
-}
-_TOML_TYPES = {"str": "a string", "int": "an integer", "float": "a float", "bool": "a boolean", "list": "a list", "dict": "a table"}
-
-
-def _toml_type(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        bad = next((x for x in value if not isinstance(x, str)), None)
-        if bad is not None:
-            return f"a list holding {bad!r} ({_toml_type(bad)})"
-    return _TOML_TYPES.get(type(value).__name__, type(value).__name__)
-
-
-def _example(f: dataclasses.Field) -> str:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if default is None or default is dataclasses.MISSING:
-        return '"/path/to/dir"'
-    return json.dumps(default)  # JSON spells these scalars and string lists as TOML does
-
-
-def check_field_types(obj: Any, table: str, *, keys: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """ConfigError unless every field of the config dataclass ``obj`` has its annotated type.
-
-    ``table`` is the uniflow.toml table the fix names, ``keys`` maps field names to TOML keys
-    (``lambda_`` → ``lambda``). Tuples become lists. A new annotation needs an entry in ``_FIELD_TYPES``.
-    """
-    for f in dataclasses.fields(obj):
-        if f.name in skip:
-            continue
-        accepts, what = _FIELD_TYPES[f.type]
-        value = getattr(obj, f.name)
-        if not accepts(value):
-            key = (keys or {}).get(f.name, f.name)
-            shown = json.dumps(value) if isinstance(value, bool) else repr(value)  # TOML spells true/false
-            raise ConfigError(
-                f"{key}={shown} must be {what}, not {_toml_type(value)}",
-                fix=f"write {key} = {_example(f)} in the [{table}] table of uniflow.toml",
-            )
-        if isinstance(value, tuple):
-            setattr(obj, f.name, list(value))
-
 
 @dataclass
 class PromptSettings:
@@ -125,6 +74,8 @@ class ModelSettings:
       Whisper's 30 s (the encoder's positional table is cut to match), longer ones are truncated.
     """
 
+    SECTION: ClassVar[str] = "model"
+
     preset: str = "smol"
     llm: str | None = None
     image_encoder: str | None = None
@@ -138,11 +89,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, dict):
-            known = {f.name for f in dataclasses.fields(PromptSettings)}
-            unknown = sorted(set(self.prompt) - known)
-            if unknown:
-                raise ConfigError(f"unknown [model.prompt] keys {unknown}", fix=f"use only {sorted(known)}")
-            self.prompt = PromptSettings(**self.prompt)
+            self.prompt = PromptSettings(**check_keys(self.prompt, PromptSettings, "uniflow.toml [model.prompt]"))
         if not isinstance(self.prompt, PromptSettings):
             raise ConfigError(f"prompt={self.prompt!r} must be a table, not {_toml_type(self.prompt)}", fix="write it as [model.prompt]")
         check_field_types(self, "model", skip=("prompt",))
@@ -197,9 +144,4 @@ class ModelSettings:
     def from_dict(cls, data: dict[str, Any] | None) -> ModelSettings:
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"[model] in uniflow.toml must be a table, not {_toml_type(data)}", fix="write it as a [model] table")
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown [model] keys {unknown} in uniflow.toml", fix=f"use only {sorted(known)}")
-        return cls(**data)
+        return cls(**check_keys(dict(data or {}), cls, "uniflow.toml [model]"))

@@ -15,7 +15,8 @@ from typing import Any
 from uniflow_cli.errors import ConfigError, OutputExistsError
 from uniflow_cli.models.presets import Progress
 from uniflow_cli.models.settings import ModelSettings
-from uniflow_cli.workspace import CONFIG_NAME, AggregateSettings, LoraSettings, TrainSettings, Workspace
+from uniflow_cli.settings import AggregateSettings, LoraSettings, TrainSettings, aggregate_table, train_table
+from uniflow_cli.workspace import CONFIG_NAME, Workspace
 
 
 @dataclass
@@ -56,8 +57,8 @@ def config_dict(
     return {
         "model": model.to_dict(),
         "lora": dataclasses.asdict(lora),
-        "train": dataclasses.asdict(train or TrainSettings(seed=seed)),
-        "aggregate": dataclasses.asdict(aggregate or AggregateSettings()),
+        "train": train_table(train or TrainSettings(seed=seed)),
+        "aggregate": aggregate_table(aggregate or AggregateSettings()),
     }
 
 

@@ -1,0 +1,305 @@
+"""The experiment's settings and the one resolver every command and the Flower app get them from.
+
+Each settings dataclass is one table of ``uniflow.toml`` (``SECTION``), uses the paper's names (``r``,
+``lora_alpha``, ``tau``, ``lambda_``) and is validated in ``__post_init__`` like peft's configs, raising
+:class:`~uniflow_cli.errors.ConfigError` in library terms (the field, the value, the rule, an example).
+
+Resolution is always ``defaults < uniflow.toml table < overrides`` (:func:`resolve`): the table's keys are
+checked by one policy (an unknown key is an error naming it, the closest known key and all of them — a
+typo never silently trains with defaults); overrides are what a front end was given (a flag, a run-config
+key; ``None`` = not given). An error is named where its value came from: a table value as the toml key in
+that file, an override by its field, which the CLI maps to its flag and Flower to its run-config key.
+
+No torch, no models: importing this is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from uniflow_cli.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uniflow_cli.workspace import Workspace
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------------------
+# Field types (TOML hands over any type: every dataclass checks these first in __post_init__)
+# --------------------------------------------------------------------------------------------------
+# bool is a subclass of int in Python but never a count; an int is a fine float; a str is never a list.
+_INT: Callable[[Any], bool] = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+_NUM: Callable[[Any], bool] = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_INT, "an integer"),
+    "float": (_NUM, "a number"),
+    "int | None": (lambda v: v is None or _INT(v), "an integer"),
+    "float | None": (lambda v: v is None or _NUM(v), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+_TOML_TYPES = {"str": "a string", "int": "an integer", "float": "a float", "bool": "a boolean", "list": "a list", "dict": "a table"}
+
+
+def toml_type(value: Any) -> str:
+    """How TOML would call the type of ``value`` (for messages)."""
+    if isinstance(value, (list, tuple)):
+        bad = next((x for x in value if not isinstance(x, str)), None)
+        if bad is not None:
+            return f"a list holding {bad!r} ({toml_type(bad)})"
+    return _TOML_TYPES.get(type(value).__name__, type(value).__name__)
+
+
+def _example(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or default is dataclasses.MISSING:
+        return '"/path/to/dir"' if "str" in str(f.type) else "1"
+    return json.dumps(default)  # JSON spells these scalars and string lists as TOML does
+
+
+def check_field_types(obj: Any, table: str, *, keys: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """ConfigError unless every field of the config dataclass ``obj`` has its annotated type.
+
+    ``table`` is the uniflow.toml table the fix names, ``keys`` maps field names to TOML keys
+    (``lambda_`` → ``lambda``). Tuples become lists. A new annotation needs an entry in ``_FIELD_TYPES``.
+    """
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        accepts, what = _FIELD_TYPES[str(f.type)]
+        value = getattr(obj, f.name)
+        if not accepts(value):
+            key = (keys or {}).get(f.name, f.name)
+            shown = json.dumps(value) if isinstance(value, bool) else repr(value)  # TOML spells true/false
+            raise ConfigError(
+                f"{key}={shown} must be {what}, not {toml_type(value)}",
+                fix=f"write {key} = {_example(f)} in the [{table}] table of uniflow.toml",
+            )
+        if isinstance(value, tuple):
+            setattr(obj, f.name, list(value))
+
+
+def _finite(value: Any) -> bool:
+    return _NUM(value) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tables
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoraSettings:
+    """``[lora]``: LoRA hyper-parameters shared by every client of an experiment."""
+
+    SECTION: ClassVar[str] = "lora"
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    llm_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    encoder_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "lora")
+        if self.r < 1:
+            raise ConfigError.invalid("r", self.r, "must be a positive integer", example=8)
+        if not (_finite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError.invalid("lora_alpha", self.lora_alpha, "must be a positive number", example=2 * self.r)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError.invalid("lora_dropout", self.lora_dropout, "must be in [0, 1)", example=0.05)
+
+
+STAGE_PLANS = ("two-stage", "joint", "reverse", "llm-only", "encoder-only")
+STAGE_BY = ("step", "round")
+UPLOAD_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainSettings:
+    """``[train]``: local training (Eq. 7's ``tau`` is the share of stage-I steps or rounds).
+
+    ``steps`` optimizer steps per round, or ``epochs`` passes over the shard instead (give one; an
+    ``epochs`` given where ``steps`` is only inherited wins, see :func:`resolve_train`). ``dtype`` is the
+    storage dtype of the uploaded tensors. Every field can be set in the table or overridden per run.
+    """
+
+    SECTION: ClassVar[str] = "train"
+
+    tau: float = 0.25
+    steps: int | None = 20
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    seed: int = 0
+    stages: str = "two-stage"
+    stage_by: str = "step"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "train")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError.invalid("tau", self.tau, "must be in [0, 1]", example=0.25)
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"steps={self.steps} and epochs={self.epochs:g} were both given", fix="give one of them")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("neither steps nor epochs is set", fix="give steps (e.g. 20) or epochs (e.g. 1)")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError.invalid("steps", self.steps, "must be >= 1", example=20)
+        if self.epochs is not None and not (_finite(self.epochs) and self.epochs > 0):
+            raise ConfigError.invalid("epochs", self.epochs, "must be a finite number > 0", example=1)
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError.invalid(name, getattr(self, name), "must be >= 1", example=4 if name == "batch_size" else 1)
+        if not (_finite(self.lr) and self.lr > 0):
+            raise ConfigError.invalid("lr", self.lr, "must be a finite number > 0", example=2e-4)
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError.invalid("weight_decay", self.weight_decay, "must be a finite number >= 0", example=0.0)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError.invalid("warmup_ratio", self.warmup_ratio, "must be in [0, 1)", example=0.1)
+        if not (_finite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError.invalid("max_grad_norm", self.max_grad_norm, "must be a finite number > 0", example=1.0)
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError.invalid("max_length", self.max_length, "is too small (< 8 tokens)", example=256)
+        if self.seed < 0:  # numpy's generators refuse negative seeds
+            raise ConfigError.invalid("seed", self.seed, "must be >= 0", example=0)
+        if self.stages not in STAGE_PLANS:
+            raise ConfigError.invalid("stages", self.stages, f"is not one of {', '.join(STAGE_PLANS)}", example="two-stage")
+        if self.stage_by not in STAGE_BY:
+            raise ConfigError.invalid("stage_by", self.stage_by, "is not step|round", example="step")
+        if self.dtype not in UPLOAD_DTYPES:
+            raise ConfigError.invalid("dtype", self.dtype, f"is not {'|'.join(UPLOAD_DTYPES)}", example="float32")
+
+
+RIDGE_MODES = ("auto", "always", "never")
+WEIGHTINGS = ("examples", "uniform")
+DEFAULT_RCOND = 1e-7  # ≈ float32 machine epsilon: adapters are stored in float32 or narrower
+
+
+@dataclass
+class AggregateSettings:
+    """``[aggregate]``: the server's method and FedA²-LoRA's Tikhonov term (Eq. 13)."""
+
+    SECTION: ClassVar[str] = "aggregate"
+    TOML_KEYS: ClassVar[dict[str, str]] = {"lambda_": "lambda"}  # field → key; the field name is accepted too
+
+    method: str = "fedA2"
+    lambda_: float = 1.0
+    ridge: str = "auto"
+    weighting: str = "examples"
+    rcond: float = DEFAULT_RCOND
+
+    def __post_init__(self) -> None:
+        from uniflow_cli.aggregation.registry import method_spec  # torch-free
+
+        check_field_types(self, "aggregate", keys=self.TOML_KEYS)
+        method_spec(self.method)
+        if not (_finite(self.lambda_) and self.lambda_ >= 0):
+            raise ConfigError.invalid("lambda_", self.lambda_, "must be a finite number >= 0", example=1.0)
+        if self.ridge not in RIDGE_MODES:
+            raise ConfigError.invalid("ridge", self.ridge, f"is not one of {'|'.join(RIDGE_MODES)}", example="auto")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError.invalid("weighting", self.weighting, f"is not {'|'.join(WEIGHTINGS)}", example="examples")
+        if not (_finite(self.rcond) and 0 < self.rcond < 1):
+            raise ConfigError.invalid("rcond", self.rcond, "must be in (0, 1)", example=DEFAULT_RCOND)
+
+
+# --------------------------------------------------------------------------------------------------
+# The resolver
+# --------------------------------------------------------------------------------------------------
+def toml_keys(cls: type) -> dict[str, str]:
+    """TOML key → field name of a settings class (field names are keys too)."""
+    renames: dict[str, str] = getattr(cls, "TOML_KEYS", {})
+    keys = {f.name: f.name for f in dataclasses.fields(cls)}
+    keys.update({key: name for name, key in renames.items()})
+    return keys
+
+
+def check_keys(table: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """``table``'s values by field name; an unknown key is a ConfigError naming it and the known ones."""
+    keys = toml_keys(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in keys:
+            known = sorted(k for k in keys if k not in getattr(cls, "TOML_KEYS", {}))
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}", fix=f"{hint}known keys: {', '.join(known)}")
+        values[keys[key]] = value
+    return values
+
+
+def section_where(ws: Workspace | None, cls: type) -> str:
+    return f"{ws.config_path if ws is not None else 'uniflow.toml'} [{cls.SECTION}]"  # type: ignore[attr-defined]
+
+
+def load_section(ws: Workspace | None, cls: type) -> dict[str, Any]:
+    """The workspace's table for ``cls`` (``cls.SECTION``) by field name, keys checked; {} without a workspace."""
+    if ws is None:
+        return {}
+    table = ws.config().get(cls.SECTION, {})  # type: ignore[attr-defined]  (load_config checked it is a table)
+    return check_keys(table, cls, section_where(ws, cls))
+
+
+def resolve(cls: type[T], ws: Workspace | None, overrides: Mapping[str, Any] | None = None) -> T:
+    """``defaults < uniflow.toml [cls.SECTION] < overrides`` as a validated ``cls``.
+
+    ``overrides`` maps field names to what a front end was given; ``None`` means not given. A bad table
+    value is reported as its key in that file; a bad override keeps its field (the CLI names the flag)."""
+    table = load_section(ws, cls)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return _build(cls, {**table, **given}, table, given, section_where(ws, cls))
+
+
+def _build(cls: type[T], values: dict[str, Any], table: Mapping[str, Any], given: Mapping[str, Any], where: str) -> T:
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        if exc.field is not None and exc.field in given:
+            raise
+        renames: dict[str, str] = getattr(cls, "TOML_KEYS", {})
+        key = renames.get(exc.field, exc.field) if exc.field else ""
+        raise exc.renamed(key, style="toml", where=where) from None
+
+
+def resolve_train(ws: Workspace | None, overrides: Mapping[str, Any] | None = None) -> TrainSettings:
+    """:func:`resolve` for ``[train]``, where ``steps`` and ``epochs`` are alternatives: the one given at the
+    higher level wins (``--epochs 1`` over the table's ``steps = 20``); both at the same level is an error."""
+    table = load_section(ws, TrainSettings)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = {**table, **given}
+    if "epochs" in given and "steps" not in given:
+        values["steps"] = None
+    elif "steps" in given and "epochs" not in given:
+        values["epochs"] = None
+    elif "epochs" in table and "steps" not in table and "steps" not in given:
+        values["steps"] = None
+    return _build(TrainSettings, values, table, given, section_where(ws, TrainSettings))
+
+
+def train_table(settings: TrainSettings) -> dict[str, Any]:
+    """A ``[train]`` table to write (TOML has no null: unset values are left out)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v is not None}
+
+
+def aggregate_table(settings: AggregateSettings) -> dict[str, Any]:
+    """An ``[aggregate]`` table to write, with the paper's key ``lambda``."""
+    data = dataclasses.asdict(settings)
+    data["lambda"] = data.pop("lambda_")
+    if data.get("rcond") == DEFAULT_RCOND:
+        data.pop("rcond")
+    return {k: data[k] for k in ("method", "lambda", "ridge", "weighting", "rcond") if k in data}
