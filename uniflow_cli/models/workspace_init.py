@@ -2,7 +2,8 @@
 
 The round-0 adapter is PEFT's initialisation of the configured model (LoRA A Kaiming-uniform from the
 seed, B = 0, projectors from the seed) stamped with the base fingerprint; its ``uniflow.json`` records
-``role="global"``, ``round=0``, ``method=None`` and ``extra.seed``.
+``role="global"``, ``round=0``, ``method=None``, ``extra.seed`` and ``extra.settings`` (the model and LoRA
+settings, see :mod:`uniflow_cli.global_info`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import ConfigError, OutputExistsError
+from uniflow_cli.global_info import settings_record
 from uniflow_cli.models.presets import Progress
 from uniflow_cli.models.settings import ModelSettings
 from uniflow_cli.settings import AggregateSettings, LoraSettings, TrainSettings, aggregate_table, train_table
@@ -101,7 +103,7 @@ def init_workspace(
         round=0,
         modalities=list(model.modalities),
         method=None,
-        extra={"seed": seed},
+        extra={"seed": seed, "settings": settings_record(model, lora)},  # explicit-mode commands need no --preset
     )
     ws.root.mkdir(parents=True, exist_ok=True)
     existed = ws.global_dir(0).exists()
