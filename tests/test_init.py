@@ -34,7 +34,8 @@ def test_init_writes_config_and_round0_global(tmp_path):
 
     adapter = read_adapter(ws / "rounds" / "0" / "global")
     meta = adapter.meta
-    assert (meta.role, meta.round, meta.method, meta.extra) == ("global", 0, None, {"seed": 5})
+    assert (meta.role, meta.round, meta.method, meta.extra["seed"]) == ("global", 0, None, 5)
+    assert meta.extra["settings"]["model"]["preset"] == "tiny-random" and meta.extra["settings"]["lora"]["r"] == 4  # explicit mode needs no --preset
     assert meta.base_fingerprint.startswith("tiny-random:") and meta.modalities == ["image"]
     assert adapter.peft_config["r"] == 4 and adapter.peft_config["modules_to_save"] == ["projectors.image"]
     # exactly the seeded PEFT init, and it loads back into the configured model
