@@ -303,3 +303,18 @@ def aggregate_table(settings: AggregateSettings) -> dict[str, Any]:
     if data.get("rcond") == DEFAULT_RCOND:
         data.pop("rcond")
     return {k: data[k] for k in ("method", "lambda", "ridge", "weighting", "rcond") if k in data}
+
+
+def resolve_model(ws: Workspace | None, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The workspace's ``[model]`` (a ModelSettings, keys checked) with ``overrides``; defaults without one."""
+    from uniflow_cli.models.settings import ModelSettings
+
+    table = ws.config().get("model", {}) if ws is not None else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return ModelSettings.from_dict({**table, **given})
+    except ConfigError as exc:
+        if exc.field is not None and exc.field in given:
+            raise
+        where = f"{ws.config_path if ws is not None else 'uniflow.toml'} [model]"
+        raise exc.renamed(exc.field or "", style="toml", where=where) from None
