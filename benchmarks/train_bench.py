@@ -98,14 +98,15 @@ def plain_loop(args, dataset) -> dict:
 
 def uniflow_loop(args, dataset) -> dict:
     from uniflow_cli.models import collate, load_model
-    from uniflow_cli.training import LocalTrainConfig, train_loop
+    from uniflow_cli.settings import TrainSettings
+    from uniflow_cli.training import train_loop
     from uniflow_cli.workspace import LoraSettings
 
     model = load_model(settings_for(args.preset), LoraSettings(), seed=0)
     steps = args.warmup + args.steps
     # No warm-up on either side: the two schedules' warm-up formulas differ (transformers starts at lr 0),
     # and without it both loops follow the same linear decay, step for step.
-    cfg = LocalTrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, stages="joint", seed=args.seed, warmup_ratio=0.0)
+    cfg = TrainSettings(steps=steps, batch_size=args.batch_size, lr=args.lr, stages="joint", seed=args.seed, warmup_ratio=0.0)
     times: list[float] = []
     stats = train_loop(model, dataset, cfg, method="fedA2", seed=args.seed, on_step=lambda *_: times.append(time.perf_counter()))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uniflow_cli.adapters import AdapterMeta, SafetensorsFile, open_adapter, read_adapter, scan_adapter_dirs, write_adapter
+from uniflow_cli.adapters import AdapterMeta, open_adapter, read_adapter, scan_adapter_dirs, write_adapter
 from uniflow_cli.errors import AdapterError, OutputExistsError
+from uniflow_cli.safetensors_io import SafetensorsFile
 from tests.lora_factory import lora_tensors, peft_config
 
 
@@ -74,3 +75,38 @@ def test_scan_skips_hidden_and_reports_broken_drops(tmp_path):
     assert "half-written or corrupted drop" in dict((p.name, r) for p, r in rejected)["1"]
     with pytest.raises(AdapterError, match="does not exist"):
         open_adapter(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------- residuals
+@pytest.fixture
+def fedex_global(tmp_path):
+    """A published FedEx-like global: LoRA tensors plus a dense residual recorded in uniflow.json."""
+    meta = AdapterMeta(role="global", round=1, method="fedex")
+    residual = {"model.x.weight": torch.arange(4.0).reshape(2, 2)}
+    return write_adapter(tmp_path / "g", peft_config=peft_config(), tensors=lora_tensors(0), meta=meta, residual=residual)
+
+
+def _rewrite_meta(adapter, **changes):
+    data = json.loads((adapter / "uniflow.json").read_text())
+    (adapter / "uniflow.json").write_text(json.dumps({**data, **changes}))
+
+
+def test_a_recorded_residual_is_read(fedex_global):
+    assert json.loads((fedex_global / "uniflow.json").read_text())["residual_sha256"]
+    assert torch.equal(read_adapter(fedex_global).residual["model.x.weight"], torch.arange(4.0).reshape(2, 2))
+
+
+@pytest.mark.parametrize("damage, message", [
+    # residual_sha256 null with a residual present: it would be added to the base weights unverified
+    (lambda g: _rewrite_meta(g, residual_sha256=None), r"residual.safetensors is not recorded in uniflow.json \(no residual_sha256\)"),
+    # a plain PEFT directory cannot record a residual at all
+    (lambda g: (g / "uniflow.json").unlink(), r"residual.safetensors has no uniflow.json to record its sha256"),
+    # recorded, but the file is gone: FedEx's correction would be dropped silently
+    (lambda g: (g / "residual.safetensors").unlink(), r"records a residual_sha256 but .*residual.safetensors is missing"),
+    (lambda g: _rewrite_meta(g, residual_sha256="0" * 64), r"residual.safetensors does not match its sha256"),
+])
+def test_a_residual_must_be_recorded_and_verified(fedex_global, damage, message):
+    damage(fedex_global)
+    with pytest.raises(AdapterError, match=message) as info:
+        open_adapter(fedex_global)
+    assert "\n" not in str(info.value)

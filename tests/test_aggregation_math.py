@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from uniflow_cli.aggregation import AggregationOptions, ClientUpdate, aggregate, linalg
-from uniflow_cli.errors import AggregationError, IncompatibleAdaptersError, UsageError
+from uniflow_cli.errors import AggregationError, ConfigError, IncompatibleAdaptersError, UsageError
 from tests.lora_factory import MODULES, PREFIX, delta, lora_tensors, peft_config
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -189,7 +189,7 @@ def test_ffa_keeps_A_and_checks_it_is_frozen():
 
 def test_ffa_without_A_uploads_needs_start():
     t = {k: v for k, v in lora_tensors(0).items() if "lora_B" in k}
-    with pytest.raises(UsageError, match="--start"):
+    with pytest.raises(UsageError, match="no starting global was given"):
         aggregate(clients(t), [1], AggregationOptions(method="ffa"))
     start = ClientUpdate("start", lora_tensors(9), peft_config())
     result = aggregate(clients(t), [1], AggregationOptions(method="ffa"), start=start)
@@ -242,14 +242,43 @@ def test_nan_is_refused():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"method": "fedavg"}, "unknown method 'fedavg'"), ({"lambda_": -1.0}, "--lambda -1.0 must be"), ({"ridge": "sometimes"}, "--ridge 'sometimes'")],
+    [({"method": "fedavg"}, 'method="fedavg" is not one of fedit, ffa'), ({"lambda_": -1.0}, r"lambda=-1.0 must be a finite number >= 0\. Fix: set lambda = 1.0"),
+     ({"ridge": "sometimes"}, 'ridge="sometimes" is not one of auto'), ({"rcond": 0.0}, r"rcond=0.0 must be in \(0, 1\)"),
+     ({"rcond": "tiny"}, 'rcond="tiny" must be in')],
 )
-def test_options_are_validated(kwargs, message):
-    with pytest.raises(UsageError, match=message):
+def test_options_are_validated_in_library_terms(kwargs, message):
+    # The library names the field, never a CLI flag: the CLI and Flower each re-word it (ConfigError.field).
+    with pytest.raises(ConfigError, match=message) as info:
         AggregationOptions(**kwargs)
+    assert "--" not in str(info.value) and info.value.field == next(iter(kwargs))
 
 
 @pytest.mark.parametrize("weights, message", [([1, 0], "weight 0"), ([1, -2], "weight -2"), ([1], "1 weights for 2 clients")])
 def test_weights_are_validated(weights, message):
     with pytest.raises(UsageError, match=message):
         aggregate(clients(lora_tensors(0), lora_tensors(1)), weights, AggregationOptions(method="fedit"))
+
+
+def test_the_core_asks_the_method_spec_not_its_name(monkeypatch):
+    # A renamed copy of each method behaves like the original: core.py branches on the spec's properties
+    # (frozen_A, stacks_ranks/merges_into_base, private_B, residual), never on ``method.name``.
+    import dataclasses
+
+    from uniflow_cli.aggregation import core, methods, registry
+
+    for name in ("ffa", "flora", "fedsa", "fedex"):
+        spec = dataclasses.replace(registry.SPECS[name], name=f"my-{name}")
+        monkeypatch.setitem(registry.SPECS, spec.name, spec)
+        monkeypatch.setitem(core.METHODS, spec.name, methods.Method(spec, core.METHODS[name].fuse))
+    sets = [lora_tensors(s) for s in range(2)]
+    only_B = [{k: v for k, v in t.items() if "lora_B" in k} for t in sets]
+    with pytest.raises(UsageError, match="my-ffa: clients did not upload lora_A"):
+        aggregate(clients(*only_B), [1, 1], AggregationOptions(method="my-ffa"))
+    for name in ("flora", "fedsa", "fedex"):
+        uploads = sets if name != "fedsa" else [{k: v for k, v in t.items() if "lora_A" in k} for t in sets]
+        ours = aggregate(clients(*uploads), [1, 3], AggregationOptions(method=f"my-{name}"))
+        theirs = aggregate(clients(*uploads), [1, 3], AggregationOptions(method=name))
+        assert ours.peft_config == theirs.peft_config and ours.merge_into_base == theirs.merge_into_base
+        assert ours.notes == [note.replace(f"{name}:", f"my-{name}:", 1) for note in theirs.notes] and ours.notes
+        assert ours.tensors.keys() == theirs.tensors.keys() and all(torch.equal(ours.tensors[k], theirs.tensors[k]) for k in ours.tensors)
+        assert (ours.residual is None) == (theirs.residual is None)

@@ -6,6 +6,7 @@ on the test samples themselves are shared; tests that change a workspace work on
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from typer.testing import CliRunner
 from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.data.schema import make_row, rows_to_dataset
-from uniflow_cli.errors import DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
-from uniflow_cli.evaluation import evaluate_model, run_evaluate
+from uniflow_cli.errors import ConfigError, DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
+from uniflow_cli.evaluation import EvalOptions, EvalRequest, evaluate_model, run_evaluate
 from uniflow_cli.models.lora import add_to_base, lora_deltas
 from uniflow_cli.evaluation_io import read_eval_json
+from uniflow_cli.global_info import settings_record
 from uniflow_cli.models import ModelSettings, adapter_tensors, collate, load_model, peft_config_dict
 from uniflow_cli.models.workspace_init import init_workspace
 from uniflow_cli.workspace import LoraSettings, Workspace
@@ -29,6 +31,13 @@ LORA = LoraSettings(r=4, lora_alpha=8.0)
 QA = [("Colour of the sky?", "blue"), ("Capital of France?", "paris"), ("Two plus two?", "four"),
       ("Opposite of hot?", "cold"), ("Animal that barks?", "dog"), ("Frozen water?", "ice")]
 runner = CliRunner()
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(EvalOptions)}
+
+
+def _evaluate(**kwargs):
+    """run_evaluate with the request's and the options' fields as keywords (as the CLI's flags are)."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_FIELDS}
+    return run_evaluate(EvalRequest(**kwargs), EvalOptions(**options))
 
 
 def _text_rows(pairs=QA):
@@ -95,7 +104,7 @@ def trained_acc(base_ws, trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("direct")
     write_adapter(tmp / "adapter", peft_config=trained[0], tensors=trained[1],
                   meta=AdapterMeta(role="global", base_fingerprint=unwrap_fingerprint(), round=1, method="fedit"))
-    result = run_evaluate(adapter=tmp / "adapter", data=[base_ws.test_data("text")], preset="tiny-random",
+    result = _evaluate(adapter=tmp / "adapter", data=[base_ws.test_data("text")], preset="tiny-random",
                           out=tmp / "direct.json", max_new_tokens=8)
     return result.payload["metrics"]["text"]["acc"]
 
@@ -127,9 +136,9 @@ def test_cli_base_writes_valid_eval_json(base_ws, tmp_path):
 
 
 def test_same_inputs_give_same_bytes_and_batch_size_does_not_change_metrics(base_ws, tmp_path):
-    a = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "a.json", max_new_tokens=4, batch_size=2)
-    b = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "b.json", max_new_tokens=4, batch_size=2)
-    c = run_evaluate(workspace=base_ws.root, base=True, out=tmp_path / "c.json", max_new_tokens=4, batch_size=6)
+    a = _evaluate(workspace=base_ws.root, base=True, out=tmp_path / "a.json", max_new_tokens=4, batch_size=2)
+    b = _evaluate(workspace=base_ws.root, base=True, out=tmp_path / "b.json", max_new_tokens=4, batch_size=2)
+    c = _evaluate(workspace=base_ws.root, base=True, out=tmp_path / "c.json", max_new_tokens=4, batch_size=6)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert a.payload["metrics"]["text"]["acc"] == c.payload["metrics"]["text"]["acc"]
     assert a.payload["metrics"]["text"]["tokens"] == sum(len(ans) + 1 for _, ans in QA)  # bytes + EOS
@@ -139,8 +148,8 @@ def test_same_inputs_give_same_bytes_and_batch_size_does_not_change_metrics(base
 def test_trained_adapter_beats_base_on_its_training_samples(base_ws, trained, trained_acc, tmp_path):
     ws = _copy(base_ws, tmp_path)
     _publish(ws, 1, *trained)
-    base = run_evaluate(workspace=ws.root, round=0, max_new_tokens=8)
-    tuned = run_evaluate(workspace=ws.root, max_new_tokens=8)  # default: the latest published round (1)
+    base = _evaluate(workspace=ws.root, round=0, max_new_tokens=8)
+    tuned = _evaluate(workspace=ws.root, max_new_tokens=8)  # default: the latest published round (1)
     assert tuned.round == 1 and tuned.path == ws.eval_json(1)
     acc_base, acc_tuned = base.payload["metrics"]["text"]["acc"], tuned.payload["metrics"]["text"]["acc"]
     assert acc_tuned > acc_base + 30, (acc_base, acc_tuned)
@@ -161,6 +170,46 @@ def test_explicit_adapter_and_data_with_preset(base_ws, trained, tmp_path):
     assert payload["adapter"]["path"] == str(adapter.resolve())
 
 
+@pytest.fixture
+def decoy(tmp_path, monkeypatch):
+    """A workspace in the cwd whose [model] is not the adapter's (audio encoder: another base fingerprint)."""
+    root = tmp_path / "decoy"
+    root.mkdir()
+    (root / "uniflow.toml").write_text('[model]\npreset = "tiny-random"\nmodalities = ["audio"]\n')
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("UNIFLOW_WORKSPACE", raising=False)
+    return root
+
+
+def _explicit_adapter(path: Path, trained, *, records_settings: bool) -> Path:
+    extra = {"settings": settings_record(SETTINGS, LORA)} if records_settings else {}
+    write_adapter(path, peft_config=trained[0], tensors=trained[1],
+                  meta=AdapterMeta(role="global", base_fingerprint=unwrap_fingerprint(), round=1, method="fedit", extra=extra))
+    return path
+
+
+@pytest.mark.parametrize("via", ["cwd", "env"])
+def test_explicit_mode_takes_the_adapters_settings_not_a_workspace_nearby(base_ws, trained, tmp_path, decoy, monkeypatch, via):
+    """Issue 13: explicit mode used the cwd's (or $UNIFLOW_WORKSPACE's) uniflow.toml when no --preset was given."""
+    if via == "env":
+        monkeypatch.setenv("UNIFLOW_WORKSPACE", str(decoy))
+        monkeypatch.chdir(tmp_path)
+    adapter, out = _explicit_adapter(tmp_path / "adapter", trained, records_settings=True), tmp_path / "e.json"
+    result = _cli("--adapter", adapter, "--data", base_ws.test_data("text"), "--out", out, "--limit", 2, "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+    assert read_eval_json(out)["adapter"]["base_fingerprint"] == unwrap_fingerprint()
+
+
+@pytest.mark.parametrize("what", ["adapter", "base"])
+def test_explicit_mode_without_settings_asks_for_a_preset(base_ws, trained, tmp_path, decoy, what):
+    """An adapter that records no settings (or --base) and no --preset/--workspace: one error, the decoy unread."""
+    out = tmp_path / "e.json"
+    given = ["--adapter", _explicit_adapter(tmp_path / "adapter", trained, records_settings=False)] if what == "adapter" else ["--base"]
+    result = _cli(*given, "--data", base_ws.test_data("text"), "--out", out)
+    _assert_one_line_error(result, "no model settings")
+    assert "neither --preset nor --workspace was given" in " ".join(result.output.split()) and not out.exists()
+
+
 def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, trained_acc, tmp_path):
     """Rounds 1 and 2 carry B = 0 and half of the trained ΔW each as residuals: together, the trained model."""
     ws = _copy(base_ws, tmp_path)
@@ -171,7 +220,7 @@ def test_fedex_residuals_of_all_rounds_reach_the_base(base_ws, trained, trained_
     zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
     _publish(ws, 1, trained[0], zero_b, method="fedex", residual=halves)
     _publish(ws, 2, trained[0], zero_b, method="fedex", residual=halves)
-    result = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
+    result = _evaluate(workspace=ws.root, round=2, max_new_tokens=8)
     assert any("FedEx residual" in n and "rounds 1..2" in n for n in result.notices)
     # W0 + ΔW/2 + ΔW/2 vs W0 x + s·B·A x: equal up to float rounding (one near-tied token may flip).
     assert result.payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc, abs=100 / 29 + 1e-6)
@@ -186,11 +235,23 @@ def test_flora_earlier_rounds_are_merged_and_fedsa_has_a_notice(base_ws, trained
     _publish(ws, 1, *trained, method="flora", extra=merge)  # merged into W0 before round 2
     _publish(ws, 2, trained[0], zero_b, method="flora", extra=merge)
     _publish(ws, 3, trained[0], only_a, method="fedsa")
-    merged = run_evaluate(workspace=ws.root, round=2, max_new_tokens=8)
+    merged = _evaluate(workspace=ws.root, round=2, max_new_tokens=8)
     assert any("FLoRA" in n for n in merged.notices)
     assert merged.payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc, abs=100 / 29 + 1e-6)
-    fedsa = run_evaluate(workspace=ws.root, round=3, max_new_tokens=8)
+    fedsa = _evaluate(workspace=ws.root, round=3, max_new_tokens=8)
     assert any("fedsa" in n and "B = 0" in n for n in fedsa.notices)
+
+
+def test_flora_merges_follow_the_method_not_a_recorded_flag(base_ws, trained, trained_acc, tmp_path):
+    """Issue 13: FLoRA's earlier rounds were merged only when extra.aggregation.merge_into_base said so;
+    the method's spec (merges_into_base) decides now, as it does for local training."""
+    ws = _copy(base_ws, tmp_path)
+    zero_b = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in trained[1].items()}
+    _publish(ws, 1, *trained, method="flora")
+    _publish(ws, 2, trained[0], zero_b, method="flora")
+    merged = _evaluate(workspace=ws.root, round=2, max_new_tokens=8)
+    assert any("FLoRA" in n for n in merged.notices)
+    assert merged.payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc, abs=100 / 29 + 1e-6)
 
 
 def _fedsa_round(ws: Workspace, trained, t: int = 1, *, client: str = "0", state_round: int | None = None, b=None):
@@ -212,7 +273,7 @@ def test_fedsa_personalised_model_is_global_A_plus_the_clients_B(base_ws, traine
     assert payload["metrics"]["text"]["acc"] == pytest.approx(trained_acc)
     assert payload["adapter"]["client"] == "0" and payload["adapter"]["private_state"] == str(ws.client_state("0"))
     assert "client 0's personalised model" in result.output and not ws.eval_json(1).exists()
-    shared_only = run_evaluate(workspace=ws.root, round=1, max_new_tokens=8)  # the global alone: B = 0
+    shared_only = _evaluate(workspace=ws.root, round=1, max_new_tokens=8)  # the global alone: B = 0
     assert shared_only.payload["metrics"]["text"]["acc"] < trained_acc
     report = runner.invoke(app, ["report", str(ws.root / "eval" / "clients" / "0"), "--names", "client 0", "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
@@ -278,7 +339,7 @@ def test_adapter_from_another_base(base_ws, trained, tmp_path):
     _assert_one_line_error(result, "was made for base smol:0123456789abcdef")
     assert not out.exists()
     with pytest.raises(IncompatibleAdaptersError, match="smol:0123456789abcdef"):
-        run_evaluate(adapter=adapter, data=[base_ws.test_data("text")], preset="tiny-random", out=out)
+        _evaluate(adapter=adapter, data=[base_ws.test_data("text")], preset="tiny-random", out=out)
 
 
 def test_missing_test_split(base_ws, tmp_path):
@@ -319,23 +380,41 @@ def test_output_exists_is_refused_before_any_work(base_ws, tmp_path, monkeypatch
     _assert_one_line_error(_cli("--base", "--workspace", base_ws.root, "--out", out), "already exists")
     assert out.read_text() == "keep me"
     with pytest.raises(OutputExistsError):
-        run_evaluate(workspace=base_ws.root, base=True, out=out)
+        _evaluate(workspace=base_ws.root, base=True, out=out)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"base": True, "round": 2}, "--base is round 0"),
-        ({"adapter": Path("x")}, "--adapter needs --data"),
-        ({"data": [Path("x")]}, "--data needs --adapter"),
-        ({"adapter": Path("x"), "round": 1, "data": [Path("x")]}, "cannot be combined"),
-        ({"data": [Path("x")], "base": True}, "needs --out"),
-        ({"preset": "tiny-random"}, "--preset only applies"),
-    ],
-)
-def test_conflicting_options(base_ws, kwargs, match):
-    with pytest.raises(UsageError, match=match):
-        run_evaluate(workspace=base_ws.root, **kwargs)
+# Each conflict in library terms (run_evaluate: the request's field names, no flag) and as the CLI tells it.
+CONFLICTS = [
+    ({"base": True, "round": 2}, "base is round 0, but round 2 was given", ["--base", "--round", 2], "--base is round 0, but --round 2 was given"),
+    ({"adapter": Path("x")}, "adapter needs data", ["--adapter", "x"], "--adapter needs --data"),
+    ({"data": [Path("x")]}, "data needs adapter", ["--data", "x"], "--data needs --adapter DIR or --base"),
+    ({"adapter": Path("x"), "round": 1, "data": [Path("x")]}, "adapter cannot be combined with base or round",
+     ["--adapter", "x", "--round", 1, "--data", "x"], "--adapter cannot be combined with --base or --round"),
+    ({"data": [Path("x")], "base": True}, "needs out FILE", ["--data", "x", "--base"], "explicit mode (--data) needs --out FILE"),
+    ({"preset": "tiny-random"}, "preset only applies with adapter/data", ["--preset", "tiny-random"], "--preset only applies with --adapter/--data"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match", "_args", "_told"), CONFLICTS)
+def test_conflicting_options_in_library_terms(base_ws, kwargs, match, _args, _told):
+    with pytest.raises(UsageError, match=match) as info:
+        _evaluate(workspace=base_ws.root, **kwargs)
+    assert "--" not in str(info.value)  # the library names no flag: a Flower or Python caller has none
+
+
+@pytest.mark.parametrize(("_kwargs", "_match", "args", "told"), CONFLICTS)
+def test_conflicting_options_are_told_as_flags(base_ws, _kwargs, _match, args, told):
+    result = _cli(*args, "--workspace", base_ws.root)
+    _assert_one_line_error(result, told)
+    assert result.exit_code == 2
+
+
+def test_options_are_checked_in_library_terms():
+    with pytest.raises(ConfigError, match="limit=0 must be >= 1") as info:
+        EvalOptions(limit=0)
+    with pytest.raises(ConfigError, match="max_new_tokens=0 must be >= 1. Fix: set max_new_tokens = 16"):
+        EvalOptions(max_new_tokens=0)
+    assert "--" not in str(info.value)
 
 
 def test_evaluate_model_rejects_empty_and_mislabelled_splits(base_ws):
@@ -352,6 +431,7 @@ def test_no_workspace_and_no_preset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("UNIFLOW_WORKSPACE", raising=False)
     with pytest.raises(WorkspaceError, match="no workspace"):
-        run_evaluate()
-    with pytest.raises(UsageError, match="no workspace found and no --preset"):
-        run_evaluate(base=True, data=[tmp_path], out=tmp_path / "o.json")
+        _evaluate()
+    with pytest.raises(UsageError, match="no model settings: the untrained base has no adapter to record them, and neither preset nor workspace") as info:
+        _evaluate(base=True, data=[tmp_path], out=tmp_path / "o.json")
+    assert "--" not in str(info.value)

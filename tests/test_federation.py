@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,8 @@ from typer.testing import CliRunner
 
 from uniflow_cli.adapters import TENSORS_FILE, read_adapter
 from uniflow_cli.cli.app import app
-from uniflow_cli.federation import QuorumError, RoundLock, wait_for_drops
-from uniflow_cli.workspace import find_workspace
+from uniflow_cli.federation import LOCK_NAME, QuorumError, RoundLock, wait_for_drops
+from uniflow_cli.workspace import Workspace, find_workspace
 from tests.workspace_factory import make_workspace
 
 runner = CliRunner()
@@ -108,6 +110,82 @@ def test_server_killed_mid_aggregate_leaves_a_stale_lock_and_a_rerun_publishes(w
     assert not lock.exists()
 
 
+def _dead_lock(path: Path) -> None:
+    """A lock whose server (on this host) is gone: stale."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": 0}))
+
+
+def _race_after_judging_stale(monkeypatch, rival: RoundLock) -> list[tuple[bool, bytes]]:
+    """Let ``rival`` take the lock over (completely) right after the next server judged the lock stale.
+
+    That is the window of the race: two servers both see the dead server's lock, the rival replaces it
+    with its fresh lock first, and the slower one then acts on its now outdated verdict. Records whether
+    the rival got the lock and the bytes of the lock it wrote."""
+    real, raced = RoundLock._is_stale, []
+
+    def judged(self, *args, **kwargs):
+        verdict = real(self, *args, **kwargs)
+        if verdict and self is not rival and not raced:
+            raced.append((rival.try_acquire(), rival.path.read_bytes()))
+        return verdict
+
+    monkeypatch.setattr(RoundLock, "_is_stale", judged)
+    return raced
+
+
+def test_a_stale_lock_taken_over_by_two_servers_at_once_has_one_holder(tmp_path, monkeypatch):
+    path = tmp_path / "rounds" / "1" / LOCK_NAME
+    _dead_lock(path)
+    slow, rival = RoundLock(path), RoundLock(path)
+    raced = _race_after_judging_stale(monkeypatch, rival)
+    assert not slow.try_acquire()  # it judged the dead lock stale, but by then the rival's fresh lock was there
+    [(rival_won, rival_lock)] = raced
+    assert rival_won and rival.held and not slow.held
+    assert path.read_bytes() == rival_lock  # the rival's fresh lock survived, in place
+    assert [p.name for p in path.parent.iterdir()] == [LOCK_NAME]  # nothing set aside is left behind
+    rival.release()
+    assert not path.exists() and slow.try_acquire()  # once free, the lock is taken normally
+    slow.release()
+
+
+def test_a_server_whose_lock_was_taken_over_does_not_remove_the_new_holders_lock(tmp_path):
+    path = tmp_path / "rounds" / "1" / LOCK_NAME
+    first = RoundLock(path)
+    assert first.try_acquire()
+    # Its lock was judged stale (e.g. it ran longer than stale_after on another host) and replaced.
+    path.unlink()
+    newer = json.dumps({"pid": 1, "host": "other-host", "started": 123.0, "token": "newer"})
+    path.write_text(newer)
+    first.release()
+    assert path.read_text() == newer and not first.held
+
+
+def test_a_lock_moved_aside_by_mistake_never_replaces_one_created_meanwhile(tmp_path, monkeypatch):
+    """The slow server moved a fresh lock aside; before it could put it back, a third server locked."""
+    import uniflow_cli.federation as federation
+
+    path = tmp_path / LOCK_NAME
+    _dead_lock(path)
+    stale = federation.read_lock(path)
+    path.unlink()
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 1.0, "token": "fresh"}))
+    third, third_lock = RoundLock(path), []
+    real_read = federation.read_lock
+
+    def read(p):
+        if p != path and not third.held:
+            assert third.try_acquire()  # the lock's name is free for a moment: the third server takes it
+            third_lock.append(path.read_bytes())
+        return real_read(p)
+
+    monkeypatch.setattr(federation, "read_lock", read)
+    assert federation.remove_if_unchanged(path, stale) is False
+    assert third.held and [path.read_bytes()] == third_lock
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+
+
 def test_rerun_of_a_published_round_is_a_no_op_that_reports_late_drops(ws):
     train(ws, "0")
     assert run("aggregate", "--round", "1", "-w", ws).exit_code == 0
@@ -163,17 +241,40 @@ def test_shared_directory_missing(tmp_path):
 
 
 def test_shared_directory_read_only(ws, monkeypatch):
+    """The share turned read-only: creating the round lock fails with EROFS, told as one line, nothing written."""
     train(ws, "0")
+    lock = ws / "rounds" / "1" / LOCK_NAME
+    real_open, refused = os.open, []
 
-    def read_only(*_a, **_k):
-        raise OSError(30, "Read-only file system", str(ws / "rounds" / "1"))
+    def read_only(path, flags, *args, **kwargs):
+        # Only the lock's creation fails (the first write a server makes); every read goes through.
+        if Path(path) == lock and flags & os.O_CREAT:
+            refused.append(Path(path))
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
 
-    import uniflow_cli.federation as federation
-
-    monkeypatch.setattr(federation.os, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
+    before = sorted(p.relative_to(ws) for p in ws.rglob("*"))
     result = run("aggregate", "--round", "1", "-w", ws)
-    assert result.exit_code == 1 and "Read-only file system" in result.output
-    assert not (ws / "rounds" / "1" / "global").exists()
+    monkeypatch.undo()
+    assert refused == [lock], result.output  # the lock was the call that failed, once
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"error: Read-only file system ({lock})"
+    assert sorted(p.relative_to(ws) for p in ws.rglob("*")) == before  # no global, no lock, no temp dir
+
+
+def test_wait_options_are_checked_in_library_terms(tmp_path):
+    """The library names its settings (timeout, poll, min_clients); only the CLI speaks of --flags."""
+    from uniflow_cli.errors import ConfigError
+
+    for kwargs, field, message in [
+        ({"timeout": float("nan")}, "timeout", "timeout=nan must be a finite number of seconds >= 0. Fix: set timeout = 600"),
+        ({"poll": 0}, "poll", "poll=0 must be a finite number of seconds > 0. Fix: set poll = 2"),
+        ({"min_clients": 0}, "min_clients", "min_clients=0 must be >= 1. Fix: set min_clients = 1"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            wait_for_drops(Workspace(tmp_path), 1, **{"expected": [], "min_clients": 1, "timeout": 1, **kwargs})
+        assert caught.value.field == field and str(caught.value) == message
 
 
 def test_status_shows_drops_and_invalid_ones(ws):

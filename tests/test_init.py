@@ -76,7 +76,7 @@ def test_init_refuses_to_overwrite_without_force(tmp_path):
     [
         (["--preset", "huge"], 2, "unknown model preset 'huge'"),
         (["--preset", "tiny-random", "--modalities", "image,video"], 1, "unknown modality 'video'"),
-        (["--preset", "tiny-random", "--r", "0"], 1, "--r 0 must be a positive integer. Fix: use --r 8"),
+        (["--preset", "tiny-random", "--r", "0"], 2, "--r 0 must be a positive integer. Fix: use --r 8"),  # a bad flag value: usage, exit 2 (boundary.py)
         (["--preset", "tiny-random", "--pool", "max"], 1, "pool='max'"),
         (["--preset", "custom"], 1, "preset 'custom' needs an llm directory"),
     ],

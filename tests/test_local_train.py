@@ -11,7 +11,10 @@ from typer.testing import CliRunner
 
 from uniflow_cli.adapters import TENSORS_FILE, read_adapter
 from uniflow_cli.cli.app import app
-from uniflow_cli.training import LocalTrainConfig, run_local_train, stage_plan
+from uniflow_cli.errors import ConfigError, UsageError
+from uniflow_cli.local_train import run_local_train
+from uniflow_cli.schedule import stage_plan
+from uniflow_cli.settings import TrainSettings
 from tests.workspace_factory import make_workspace
 
 runner = CliRunner()
@@ -37,19 +40,19 @@ def run(*args):
     ],
 )
 def test_stage_plan(steps, tau, stages, by, round_, rounds, expected):
-    cfg = LocalTrainConfig(tau=tau, steps=steps, stages=stages, stage_by=by)
+    cfg = TrainSettings(tau=tau, steps=steps, stages=stages, stage_by=by)
     assert stage_plan(steps, cfg, round_=round_, total_rounds=rounds) == expected
 
 
+# In library terms now (the settings' own names); the CLI words the same errors as its flags (below).
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tau": 1.5}, "--stage-tau 1.5 must be in"), ({"steps": 0}, "--steps 0 must be"), ({"stages": "both"}, "--stages 'both'"),
-    ({"steps": 2, "epochs": 1.0}, "both given"), ({"lr": -1.0}, "--lr -1.0"),
+    ({"tau": 1.5}, "tau=1.5 must be in"), ({"steps": 0}, "steps=0 must be"), ({"stages": "both"}, 'stages="both" is not one of'),
+    ({"steps": 2, "epochs": 1.0}, "both given"), ({"lr": -1.0}, "lr=-1.0 must be"),
 ])
 def test_config_is_validated(kwargs, message):
-    from uniflow_cli.errors import UsageError
-
-    with pytest.raises(UsageError, match=message):
-        LocalTrainConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message) as info:
+        TrainSettings(**kwargs)
+    assert "--" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- a tiny workspace
@@ -63,6 +66,19 @@ def ws(template, tmp_path) -> Path:
     dst = tmp_path / "fed"
     shutil.copytree(template, dst)
     return dst
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage-tau", "1.5"], "--stage-tau 1.5 must be in [0, 1]. Fix: use --stage-tau 0.25"),
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--stages", "both"], "--stages 'both' is not one of"),
+    (["--grad-accum", "0"], "--grad-accum 0 must be >= 1"),
+    (["--max-length", "4"], "--max-length 4 is too small"),
+])
+def test_cli_names_the_flag(ws, args, message):
+    result = run("local-train", "--client", "0", "-w", ws, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (ws / "rounds" / "1").exists()
 
 
 def drop_vs_global(ws: Path, client: str = "0"):
@@ -210,8 +226,172 @@ def test_killed_mid_run_publishes_nothing_and_a_rerun_succeeds(ws):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_local_train(LocalTrainConfig(steps=4), client="0", workspace=ws, on_step=die)
+        run_local_train(TrainSettings(steps=4), client="0", workspace=ws, on_step=die)
     clients = ws / "rounds" / "1" / "clients"
     assert not clients.exists() or list(clients.iterdir()) == []
-    outcome = run_local_train(LocalTrainConfig(steps=2), client="0", workspace=ws)
+    outcome = run_local_train(TrainSettings(steps=2), client="0", workspace=ws)
     assert outcome.out.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- settings (issue 13)
+def set_toml(ws: Path, table: str, **values) -> None:
+    from uniflow_cli.workspace import dumps_config, load_config
+
+    config = load_config(ws / "uniflow.toml")
+    config[table].update(values)
+    (ws / "uniflow.toml").write_text(dumps_config(config))
+
+
+def test_train_table_values_without_a_flag_are_honoured(ws):
+    # stages and weight_decay (and grad_accum, dtype) had flag defaults that always won over [train].
+    set_toml(ws, "train", stages="joint", weight_decay=0.01, grad_accum=2, dtype="bfloat16")
+    result = run("local-train", "--client", "0", "-w", ws, "--steps", "2")
+    assert result.exit_code == 0, result.output
+    drop = read_adapter(ws / "rounds" / "1" / "clients" / "0")
+    config = drop.meta.extra["train"]["config"]
+    assert (config["stages"], config["weight_decay"], config["grad_accum"], config["dtype"]) == ("joint", 0.01, 2, "bfloat16")
+    assert drop.meta.stage == "joint" and all(v.dtype == torch.bfloat16 for v in drop.tensors.values())
+
+
+def test_a_flag_still_wins_over_the_train_table(ws):
+    set_toml(ws, "train", stages="joint", weight_decay=0.01)
+    result = run("local-train", "--client", "0", "-w", ws, "--steps", "2", "--stages", "llm-only", "--weight-decay", "0")
+    assert result.exit_code == 0, result.output
+    config = read_adapter(ws / "rounds" / "1" / "clients" / "0").meta.extra["train"]["config"]
+    assert (config["stages"], config["weight_decay"]) == ("llm-only", 0.0)
+
+
+def test_a_typo_in_the_lora_table_fails_local_train_like_evaluate(ws):
+    set_toml(ws, "lora", lora_alpah=32.0)
+    result = run("local-train", "--client", "0", "-w", ws, "--steps", "1")
+    assert result.exit_code == 1 and "unknown key 'lora_alpah'" in result.output and "lora_alpha" in result.output, result.output
+    assert not (ws / "rounds" / "1").exists()
+
+
+def test_a_drop_records_its_model_settings(ws):
+    from uniflow_cli.global_info import recorded_settings
+
+    assert run("local-train", "--client", "0", "-w", ws, "--steps", "1").exit_code == 0
+    drop = read_adapter(ws / "rounds" / "1" / "clients" / "0")
+    model, lora = recorded_settings(drop.meta, "drop")
+    assert model.preset == "tiny-random" and model.modalities == ["image"] and lora.r == 8
+    assert drop.meta.extra["settings"] == read_adapter(ws / "rounds" / "0" / "global").meta.extra["settings"]
+
+
+def test_the_training_module_keeps_its_names_and_drops_the_dead_table():
+    import uniflow_cli.training as training
+    from uniflow_cli import client_round, local_train, schedule
+
+    assert training.run_local_train is local_train.run_local_train and training.train_client_round is client_round.train_client_round
+    assert training.stage_plan is schedule.stage_plan and training.STAGE_PLANS == schedule.STAGE_PLANS
+    assert training.read_adapter_round is local_train.read_adapter_round and training.method_may_keep_state("fedsa")
+    assert not hasattr(training, "METHODS_SHARING") and not hasattr(training, "train_defaults")
+
+
+# ---------------------------------------------------------------------------------------------- explicit mode (issue 13)
+@pytest.fixture
+def other_ws(template, tmp_path, monkeypatch) -> Path:
+    """A workspace explicit mode must NOT use: another base (image + audio) and steps = 1."""
+    other = tmp_path / "other"
+    shutil.copytree(template, other)
+    set_toml(other, "model", modalities=["image", "audio"])
+    set_toml(other, "train", steps=1)
+    return other
+
+
+@pytest.mark.parametrize("found_by", ["env", "cwd"])
+def test_explicit_mode_ignores_a_workspace_it_was_not_given(ws, other_ws, tmp_path, monkeypatch, found_by):
+    if found_by == "env":
+        monkeypatch.setenv("UNIFLOW_WORKSPACE", str(other_ws))
+    else:
+        monkeypatch.delenv("UNIFLOW_WORKSPACE", raising=False)
+        monkeypatch.chdir(other_ws)
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    result = run("local-train", "--global", g, "--data", d, "--out", tmp_path / "drop", "--batch-size", "2")
+    assert result.exit_code == 0, result.output  # the model comes from the global's record, not other_ws's [model]
+    drop = read_adapter(tmp_path / "drop")
+    assert drop.meta.extra["train"]["steps"] == 20  # the built-in default, not other_ws's steps = 1
+    assert drop.meta.extra["train"]["started_from"] is None  # no workspace: no path recorded
+
+
+def test_explicit_mode_asks_for_a_preset_when_the_global_records_none(ws, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.delenv("UNIFLOW_WORKSPACE", raising=False)
+    g = tmp_path / "g"
+    shutil.copytree(ws / "rounds" / "0" / "global", g)
+    meta = json.loads((g / "uniflow.json").read_text())
+    del meta["extra"]["settings"]
+    (g / "uniflow.json").write_text(json.dumps(meta))
+    result = run("local-train", "--global", g, "--data", ws / "data" / "clients" / "0", "--out", tmp_path / "drop", "--steps", "1")
+    assert result.exit_code == 2 and "records no usable model settings, and --preset is not given" in result.output, result.output
+    assert not (tmp_path / "drop").exists()
+
+
+def test_explicit_mode_honours_preset(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIFLOW_WORKSPACE", str(ws))  # its [model] would say tiny-random too: it must not be read
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    # The preset the global records: its other settings (modalities) come with it.
+    result = run("local-train", "--global", g, "--data", d, "--out", tmp_path / "a", "--steps", "1", "--preset", "tiny-random")
+    assert result.exit_code == 0, result.output
+    # Another preset: that base is built (default modalities), and it is not the global's base.
+    result = run("local-train", "--global", g, "--data", d, "--out", tmp_path / "b", "--steps", "1", "--preset", "custom")
+    assert result.exit_code != 0 and "custom" in result.output, result.output
+
+
+def test_explicit_fedsa_needs_a_state_directory(ws, tmp_path):
+    # Even with a workspace given, explicit mode has no client id, so no state/clients/<id> to default to:
+    # the trained B used to be thrown away silently.
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    base = ("local-train", "-w", ws, "--global", g, "--data", d, "--steps", "1", "--method", "fedsa")
+    result = run(*base, "--out", tmp_path / "drop")
+    assert result.exit_code == 2 and "method fedsa keeps each client's B between rounds, but --state is not given" in result.output, result.output
+    assert not (tmp_path / "drop").exists()
+    result = run(*base, "--out", tmp_path / "drop", "--state", tmp_path / "state")
+    assert result.exit_code == 0, result.output
+    private = read_adapter(tmp_path / "state")
+    assert private.tensors and all(k.endswith("lora_B.weight") for k in private.tensors)
+    assert not any(k.endswith("lora_B.weight") for k in read_adapter(tmp_path / "drop").tensors)
+
+
+def test_library_errors_speak_library_terms(ws, tmp_path):
+    g, d = ws / "rounds" / "0" / "global", ws / "data" / "clients" / "0"
+    cases = [
+        (dict(client="0", workspace=ws, round_=0), "round 0: round 0 is the initial global"),
+        (dict(workspace=ws), "which client? client is not given"),
+        (dict(global_dir=g, out=tmp_path / "x"), "explicit mode needs data_dir too"),
+        (dict(global_dir=g, data_dir=d, out=tmp_path / "x", method="fedsa"), "but state_dir is not given"),
+        (dict(global_dir=g, data_dir=d, out=d), "out " + str(d)),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError) as info:
+            run_local_train(TrainSettings(steps=1), **kwargs)
+        assert message in str(info.value) and "--" not in str(info.value), str(info.value)
+    with pytest.raises(UsageError, match="staging by round needs total_rounds"):
+        run_local_train(TrainSettings(steps=1, stage_by="round"), client="0", workspace=ws)
+
+
+def test_flower_train_config_uses_the_same_resolver(ws):
+    pytest.importorskip("flwr")
+    from uniflow_cli.flower.client import train_config_for
+    from uniflow_cli.flower.settings import FlowerRunSettings
+    from uniflow_cli.workspace import find_workspace
+
+    set_toml(ws, "train", weight_decay=0.01, grad_accum=2, steps=3, stages="joint", dtype="bfloat16")
+    cfg = train_config_for(FlowerRunSettings(workspace=str(ws), lr=1e-3), find_workspace(ws))
+    assert (cfg.weight_decay, cfg.grad_accum, cfg.steps, cfg.lr, cfg.stages, cfg.dtype) == (0.01, 2, 3, 1e-3, "joint", "float32")
+    with pytest.raises(ConfigError, match="^run-config tau=1.5 must be in"):
+        train_config_for(FlowerRunSettings(workspace=str(ws), tau=1.5), find_workspace(ws))
+
+
+def test_an_unknown_method_is_named_where_it_came_from(ws):
+    import json
+
+    result = run("local-train", "--client", "0", "-w", ws, "--steps", "1", "--method", "fedavg")
+    assert result.exit_code == 2 and "--method 'fedavg' is not one of" in result.output, result.output
+    meta_path = ws / "rounds" / "0" / "global" / "uniflow.json"
+    meta = json.loads(meta_path.read_text())
+    meta["method"] = "fedavg"
+    meta_path.write_text(json.dumps(meta))
+    result = run("local-train", "--client", "0", "-w", ws, "--steps", "1")
+    assert result.exit_code == 1 and "uniflow.json: method" in result.output and "--method" not in result.output, result.output

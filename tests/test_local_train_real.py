@@ -34,11 +34,12 @@ def ws(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("client, modality", [("0", "image"), ("1", "audio")])
 def test_smol_loss_decreases_on_real_samples(ws, client, modality):
     from uniflow_cli.adapters import read_adapter
-    from uniflow_cli.training import LocalTrainConfig, run_local_train
+    from uniflow_cli.local_train import run_local_train
+    from uniflow_cli.settings import TrainSettings
 
     # joint: both the encoder LoRA (+ projector) and the LLM LoRA train on every step, so the real
     # DINOv2/Whisper paths are exercised by the backward pass too.
-    cfg = LocalTrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-3, stages="joint", seed=0)
+    cfg = TrainSettings(steps=STEPS, batch_size=BATCH, lr=1e-3, stages="joint", seed=0)
     outcome = run_local_train(cfg, client=client, workspace=ws)
     losses = outcome.stats.losses
     drop = read_adapter(outcome.out)

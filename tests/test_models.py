@@ -75,7 +75,7 @@ def model():
         ({"preset": "tiny-random", "image_size": 8}, ConfigError, "image_size=8"),
         ({"preset": "tiny-random", "audio_max_seconds": 60}, ConfigError, "audio_max_seconds=60"),
         ({"preset": "tiny-random", "prompt": {"modality_open": "<{x}>"}}, ConfigError, "not a valid template"),
-        ({"preset": "tiny-random", "prompt": {"colour": 1}}, ConfigError, "unknown \\[model.prompt\\] keys"),
+        ({"preset": "tiny-random", "prompt": {"colour": 1}}, ConfigError, "\\[model.prompt\\]: unknown key 'colour'. Fix: known keys: after"),
     ],
 )
 def test_settings_reject_bad_values(kwargs, error, match):
@@ -87,7 +87,7 @@ def test_settings_round_trip_and_canonical_order():
     s = ModelSettings(preset="tiny-random", modalities=["audio", "image"])
     assert s.modalities == ["image", "audio"]
     assert ModelSettings.from_dict(s.to_dict()) == s
-    with pytest.raises(ConfigError, match="unknown \\[model\\] keys \\['colour'\\]"):
+    with pytest.raises(ConfigError, match="\\[model\\]: unknown key 'colour'. Fix: known keys: audio_encoder"):
         ModelSettings.from_dict({"colour": "red"})
 
 

@@ -138,7 +138,7 @@ def test_alpha_is_ignored_for_iid():
     [
         ([], 2, {}, DataError, r"empty \(0 samples"),
         (["a", "b", "c"], 4, {}, DataError, r"more clients \(4\) than samples \(3\)"),
-        (LABELS, 0, {}, UsageError, r"number of clients 0"),
+        (LABELS, 0, {}, ConfigError, r"num_clients=0 must be >= 1"),  # now in library terms (issue 13)
         (LABELS, 2, {"scheme": "shards"}, UsageError, r"unknown partition scheme 'shards'"),
         (LABELS, 2, {"sizes": 400}, DataError, r"need 800 samples but only 700"),
         (LABELS, 2, {"sizes": [1, 2, 3]}, UsageError, r"3 sizes given for 2 clients"),

@@ -122,10 +122,10 @@ def test_data_show_missing_dir():
     ("args", "code", "message"),
     [
         (["-d", "cifar-99", "--clients", "image:2"], 2, "unknown dataset 'cifar-99'"),
-        (["-d", "text-qa", "--clients", "text:2", "--scheme", "dirichlet", "--alpha", "0"], 1, "alpha=0.0 must be a finite number > 0"),
-        (["-d", "text-qa", "--clients", "text:2", "--scheme", "quantity", "--alpha", "-1"], 1, "alpha=-1.0 must be"),
+        (["-d", "text-qa", "--clients", "text:2", "--scheme", "dirichlet", "--alpha", "0"], 2, "--alpha 0.0 must be a finite number > 0"),
+        (["-d", "text-qa", "--clients", "text:2", "--scheme", "quantity", "--alpha", "-1"], 2, "--alpha -1.0 must be"),
         (["-d", "text-qa", "--clients", "image:2"], 2, "asks for image clients but no image dataset"),
-        (["-d", "text-qa", "--clients", "text:2", "--scheme", "shards"], 2, "unknown partition scheme 'shards'"),
+        (["-d", "text-qa", "--clients", "text:2", "--scheme", "shards"], 2, "--scheme 'shards' is not one of iid, dirichlet, quantity"),
         (["-d", "text-qa", "--clients", "text"], 2, "bad --clients entry 'text'"),
         (["-d", "text-qa", "--clients", "text:2", "--test-per-modality", "999999"], 1, "only 5884 test candidates"),
         (["-d", "text-qa", "--clients", "text:2", "--train-per-client", "999999"], 1, "need 1999998 samples but only"),

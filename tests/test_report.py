@@ -225,6 +225,25 @@ def test_cli_report(runs: list[Path], tmp_path: Path) -> None:
     assert (out / "acc.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_cli_report_json(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", *map(str, runs), "--out", str(out), "--metrics", "acc,bert_f1", "--names", "FedA2-LoRA,LoRA", "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)  # one JSON object, nothing else on stdout
+    assert done["out"] == str(out) and done["metrics"] == ["acc", "bert_f1"]
+    assert done["files"] == [str(out / "report.md"), str(out / "acc.png"), str(out / "bert_f1.png")]
+    rows = {row["run"]: row for row in done["rows"]}
+    assert rows["FedA2-LoRA"]["round"] == 2 and rows["FedA2-LoRA"]["values"]["image"]["acc"] == pytest.approx(62.234)
+    assert rows["LoRA"]["values"]["audio"]["bert_f1"] == pytest.approx(81.0)
+    assert (out / "report.md").is_file()
+
+
+def test_cli_metrics_has_no_short_flag(runs: list[Path], tmp_path: Path) -> None:
+    # -m is --method in every other command; report's --metrics no longer takes it.
+    result = runner.invoke(app, ["report", str(runs[0]), "-m", "acc", "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2 and "No such option '-m'" in result.output
+
+
 def test_cli_help_shows_examples() -> None:
     result = runner.invoke(app, ["report", "--help"])
     assert result.exit_code == 0

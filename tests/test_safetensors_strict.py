@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
 from typer.testing import CliRunner
 
-from uniflow_cli.adapters import META_FILE, RESIDUAL_FILE, TENSORS_FILE, SafetensorsFile, file_sha256, open_adapter
+from uniflow_cli.adapters import META_FILE, RESIDUAL_FILE, TENSORS_FILE, open_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.errors import AdapterError
+from uniflow_cli.safetensors_io import SafetensorsFile, file_sha256
 from tests.lora_factory import lora_tensors, write_client
 
 A, B = "base_model.model.x.lora_A.weight", "base_model.model.x.lora_B.weight"

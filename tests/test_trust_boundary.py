@@ -237,8 +237,8 @@ def test_out_never_touches_the_inputs(drops, tmp_path, out_of, message):
 @pytest.mark.parametrize(
     "report_of, message",
     [
-        (lambda d, out: out, "is --out"),
-        (lambda d, out: out / "report.json", "--out"),
+        (lambda d, out: out, "is the output"),
+        (lambda d, out: out / "report.json", "lies inside the output"),
         (lambda d, out: d[0] / "report.json", "the input"),
         (lambda d, out: d[0] / META_FILE, "the input"),
     ],

@@ -207,7 +207,7 @@ def test_partition_cli_allow_media_outside(layout):
 
 def test_partition_cli_allow_media_outside_must_be_a_directory(layout):
     dataset(layout, "imgs/ok.png")
-    assert_one_line_error(run(*partition_args("--allow-media-outside", "nowhere")), "--allow-media-outside nowhere is not a directory", code=2)
+    assert_one_line_error(run(*partition_args("--allow-media-outside", "nowhere")), "--allow-media-outside 'nowhere' is not a directory", code=2)
     assert not (layout / "data").exists()
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -21,12 +22,19 @@ from uniflow_cli.adapters import read_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.data.schema import make_row, rows_to_dataset
 from uniflow_cli.errors import ConfigError, DataError, UsageError, WorkspaceError
-from uniflow_cli.evaluation import check_workspace_evaluation, run_evaluate
+from uniflow_cli.evaluation import EvalOptions, EvalRequest, check_workspace_evaluation, run_evaluate
 from uniflow_cli.models import ModelSettings, build_base, collate
 from uniflow_cli.models.multimodal import DEFAULT_MAX_LENGTH, IGNORE_INDEX, SLOT_IDS
 from tests.workspace_factory import make_workspace, png
 
 runner = CliRunner()
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(EvalOptions)}
+
+
+def _evaluate(**kwargs):
+    """run_evaluate with the request's and the options' fields as keywords (as the CLI's flags are)."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_FIELDS}
+    return run_evaluate(EvalRequest(**kwargs), EvalOptions(**options))
 HUGE = 200_000  # characters; one token per byte in the tiny tokenizer
 
 
@@ -91,13 +99,13 @@ def test_bad_partition_json_is_one_line(ws, content, match):
     assert_one_line_error(run("evaluate", "--base", "-w", ws), match)
     assert not (ws / "eval").exists()
     with pytest.raises(WorkspaceError, match=match):
-        run_evaluate(workspace=ws, base=True)
+        _evaluate(workspace=ws, base=True)
 
 
 def test_partition_modality_the_model_cannot_evaluate_is_not_required(ws):
     """audio is in the partition but the model has no audio encoder: its absent split is not expected."""
     _partition(ws, {"clients": [{"id": 0, "modalities": ["image", "audio"]}, {"id": 1, "modalities": ["text"]}]})
-    result = run_evaluate(workspace=ws, base=True, limit=1, max_new_tokens=2)
+    result = _evaluate(workspace=ws, base=True, limit=1, max_new_tokens=2)
     assert result.payload["metrics"]["overall"]["modalities"] == ["image", "text"]
 
 
@@ -237,7 +245,7 @@ def test_a_huge_question_in_a_test_split_is_cut_with_a_notice(ws):
     shutil.rmtree(split)
     rows_to_dataset([make_row(id="big", modality="text", question="why " * 50_000, answer="because"),
                      make_row(id="ok", modality="text", question="Two plus two?", answer="four")]).save_to_disk(str(split))
-    result = run_evaluate(workspace=ws, base=True, max_new_tokens=2, modalities=["text"])
+    result = _evaluate(workspace=ws, base=True, max_new_tokens=2, modalities=["text"])
     assert any("1 test sample(s) were longer than 512 tokens" in n for n in result.notices)
     assert result.payload["metrics"]["text"]["n"] == 2
 
@@ -253,4 +261,4 @@ def test_threads_below_one_is_one_line(ws, command, threads):
 
 def test_library_rejects_unknown_modalities(ws):
     with pytest.raises(UsageError, match="unknown modality 'Image'"):
-        run_evaluate(workspace=ws, base=True, modalities=["Image"])
+        _evaluate(workspace=ws, base=True, modalities=["Image"])

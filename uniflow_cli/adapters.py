@@ -14,11 +14,14 @@ It loads with ``peft.PeftModel.from_pretrained(base, dir)``. Directories are pub
 ``uniflow.json`` is missing or whose sha256 does not match (a half-written or corrupted drop).
 Plain PEFT directories (no ``uniflow.json``) are accepted as input; they carry no metadata.
 Tensors are only ever read from safetensors: nothing is unpickled.
+
+Beside it: :mod:`uniflow_cli.peft_keys` (PEFT key names and scaling, torch-free, which the aggregation
+math uses without depending on the format) and :mod:`uniflow_cli.safetensors_io` (the pread reader and
+its header checks, and ``file_sha256``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,7 +35,12 @@ from typing import Any
 
 from uniflow_cli.atomic import publish_dir
 from uniflow_cli.errors import AdapterError, UniflowError, UnsafeInputError
-from uniflow_cli.paths import ID_RULE, is_real_dir, is_valid_id, open_regular, read_regular, regular_file_problem
+from uniflow_cli.paths import ID_RULE, is_real_dir, is_valid_id, read_regular, regular_file_problem
+from uniflow_cli.peft_keys import lora_modules
+from uniflow_cli.safetensors_io import FLOAT_DTYPES, FLOAT_NAMES, SafetensorsFile, file_sha256
+from uniflow_cli.safetensors_io import is_int_in as _is_int
+from uniflow_cli.safetensors_io import short_repr as _short
+
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -40,26 +48,10 @@ TENSORS_FILE = "adapter_model.safetensors"
 META_FILE = "uniflow.json"
 RESIDUAL_FILE = "residual.safetensors"
 ROLES = ("client", "global")
-PEFT_PREFIX = "base_model.model."
-_A_SUFFIX = ".lora_A.weight"
-_B_SUFFIX = ".lora_B.weight"
 
 
 MAX_EXAMPLES = 2**53  # the largest integer float64 (the weights' dtype) represents exactly
 MODALITY_NAMES = ("image", "audio", "text")
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr`` of an untrusted value, cut short (a 10**400 or a 1 MB string must not flood the message)."""
-    try:
-        text = repr(value)
-    except ValueError:  # ints beyond Python's str conversion limit
-        text = f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -151,69 +143,8 @@ class LoadedAdapter:
 
 
 # --------------------------------------------------------------------------------------------------
-# Key names and scaling
-# --------------------------------------------------------------------------------------------------
-def lora_modules(keys: Iterator[str] | list[str] | set[str]) -> tuple[dict[str, tuple[str | None, str | None]], list[str]]:
-    """Split PEFT key names into ``{module: (A key, B key)}`` and the remaining (non-LoRA) keys.
-
-    A module may have only its A (FedSA uploads) or only its B (FFA uploads).
-    """
-    pairs: dict[str, list[str | None]] = {}
-    other: list[str] = []
-    for key in sorted(keys):
-        if key.endswith(_A_SUFFIX):
-            pairs.setdefault(key[: -len(_A_SUFFIX)], [None, None])[0] = key
-        elif key.endswith(_B_SUFFIX):
-            pairs.setdefault(key[: -len(_B_SUFFIX)], [None, None])[1] = key
-        elif ".lora_" in key:
-            raise AdapterError(
-                f"tensor {key!r} is a LoRA variant uniflow does not aggregate (only lora_A/lora_B of linear layers)",
-                fix="train plain LoRA adapters (no DoRA, no LoRA on embeddings)",
-            )
-        else:
-            other.append(key)
-    return {m: (ab[0], ab[1]) for m, ab in pairs.items()}, other
-
-
-def lora_key(module: str, which: str) -> str:
-    return module + (_A_SUFFIX if which == "A" else _B_SUFFIX)
-
-
-def base_weight_key(module: str) -> str:
-    """The base model's state-dict key of the weight a LoRA module adapts (for FedEx residuals)."""
-    name = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
-    return name + ".weight"
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # Same matching rule as PEFT: a pattern matches a module name that ends with it at a dot boundary.
-    name = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
-
-
-def lora_scaling(peft_config: Mapping[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling of one LoRA module: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-    alpha = float(_pattern_value(peft_config.get("alpha_pattern") or {}, module, peft_config.get("lora_alpha", 8)))
-    if peft_config.get("use_rslora"):
-        return alpha / math.sqrt(rank)
-    return alpha / rank
-
-
-# --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    # open_regular: a FIFO in place of the tensors file must not block the server.
-    digest = hashlib.sha256()
-    with os.fdopen(open_regular(Path(path), follow=True), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(read_regular(path, follow=True).decode("utf-8"))
@@ -274,195 +205,6 @@ def _check_rank(value: Any, where: str) -> None:
         raise AdapterError(f"{where}={_short(value)} must be a positive integer", fix="re-save the adapter")
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading safetensors without mmap
-# --------------------------------------------------------------------------------------------------
-# The dtypes an adapter tensor may have: LoRA factors and projector weights are float (an I32 header would be
-# fused as if its integers were weights).
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_FLOATS = "F16, BF16, F32 or F64"
-_MAX_HEADER = 100_000_000  # the safetensors library's MAX_HEADER_SIZE (~95 MiB): never accept what it refuses
-_MAX_USIZE = 2**64 - 1  # the library reads shapes and offsets as usize
-_INFO_KEYS = ("data_offsets", "dtype", "shape")
-
-
-def _header_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last of repeated keys and accepts lone surrogates ("\ud800"). The library's serde_json
-    # refuses surrogates and repeated fields but keeps the last repeated tensor name: an ambiguous header either way.
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        for text in (key, value) if isinstance(value, str) else (key,):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"header holds the string {_short(text)}, which is not valid Unicode") from None
-        if key in obj:
-            raise ValueError(f"header repeats the key {_short(key)}")
-        obj[key] = value
-    return obj
-
-
-def _header_int(text: str) -> int | float:
-    # serde_json reads "-0" as the float -0.0 (refused as a size); Python would read it as the int 0.
-    if text == "-0":
-        return -0.0
-    try:
-        return int(text)
-    except ValueError:  # longer than Python's int-parsing limit (4300 digits)
-        raise ValueError(f"header holds the number {text[:20]}… with {len(text)} digits") from None
-
-
-def _parse_header(raw: bytearray) -> dict[str, Any]:
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_object, parse_int=_header_int)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"header is not valid UTF-8 ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"header is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError("header JSON is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
-    return header
-
-
-def _pop_metadata(header: dict[str, Any]) -> dict[str, str] | None:
-    if "__metadata__" not in header:
-        return None
-    metadata = header.pop("__metadata__")
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"__metadata__ must map strings to strings, not {_short(metadata)}")
-    return metadata
-
-
-def _tensor_entry(key: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
-    """``(dtype, shape, begin, end)`` of one header entry, checked against the data section's size."""
-    name = _short(key)
-    if not isinstance(info, dict) or tuple(sorted(info)) != _INFO_KEYS:
-        got = f"the keys {_short(sorted(info))}" if isinstance(info, dict) else _short(info)
-        raise ValueError(f"tensor {name} must be an object with exactly the keys dtype, shape and data_offsets, not {got}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise ValueError(f"tensor {name} has dtype {_short(dtype)}; adapter tensors must be float ({_FLOATS})")
-    if not isinstance(shape, list) or not shape or not all(_is_int(d, 1, _MAX_USIZE) for d in shape):
-        raise ValueError(f"tensor {name} has shape {_short(shape)}; it must be a non-empty list of integers >= 1")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o, 0, _MAX_USIZE) for o in offsets)
-            or offsets[0] > offsets[1]):
-        raise ValueError(f"tensor {name} has data_offsets {_short(offsets)}; they must be two integers 0 <= begin <= end")
-    begin, end = offsets
-    if end > data_size:
-        raise ValueError(
-            f"tensor {name} lies outside the file or has the wrong size: it ends at byte {end} of a "
-            f"{data_size}-byte data section (truncated file?)"
-        )
-    need = _ITEMSIZE[dtype]
-    for dim in shape:  # stop early: a crafted shape may multiply to a huge number
-        need *= dim
-        if need > data_size:
-            raise ValueError(
-                f"tensor {name} lies outside the file or has the wrong size: shape {_short(shape)} of {dtype} needs "
-                f"more than the {data_size}-byte data section"
-            )
-    if end - begin != need:
-        raise ValueError(
-            f"tensor {name} lies outside the file or has the wrong size: data_offsets {offsets} hold "
-            f"{end - begin} bytes, shape {_short(shape)} of {dtype} needs {need}"
-        )
-    return dtype, tuple(shape), begin, end
-
-
-def _check_tiling(entries: dict[str, tuple[str, tuple[int, ...], int, int]], data_size: int) -> None:
-    # The library's rule: sorted by offset, the tensors cover the data section exactly, from byte 0 to the end.
-    cursor = 0
-    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
-        if begin > cursor:
-            raise ValueError(f"bytes {cursor}..{begin} of the data section belong to no tensor (a hole before {_short(key)})")
-        if begin < cursor:
-            raise ValueError(f"tensor {_short(key)} overlaps the tensor before it (it starts at byte {begin}, before {cursor})")
-        cursor = end
-    if cursor != data_size:
-        raise ValueError(f"the data section has {data_size - cursor} trailing bytes after the last tensor")
-
-
-class SafetensorsFile:
-    """The tensors file of an adapter, read tensor by tensor with ``pread`` (no mmap).
-
-    The library's mmap-based reader leaves every page it touched resident, so streaming K large client
-    adapters through it costs K adapters of RSS; plain reads cost one tensor at a time. The header is
-    validated up front with the library's rules (UTF-8 JSON without repeated keys, exact entry keys, offsets
-    tiling the data section to the end of the file, sizes consistent with the shapes) and the adapter's own
-    (float dtypes, at least 1-D, no empty dimension), so a truncated, corrupt or crafted file is refused
-    with a ValueError before any math; anything accepted here the library reads identically.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._fd = -1  # so that close() and __del__ work when open() fails
-        self._fd = os.open(self.path, os.O_RDONLY)
-        try:
-            self._entries = self._read_header()
-        except BaseException:
-            self.close()
-            raise
-
-    def _pread(self, length: int, offset: int) -> bytearray:
-        buf = bytearray(length)
-        view, done = memoryview(buf), 0
-        while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise ValueError(f"unexpected end of file at byte {offset + done}")
-            done += got
-        return buf
-
-    def _read_header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-        size = os.fstat(self._fd).st_size
-        if size < 8:
-            raise ValueError("file shorter than its 8-byte header length")
-        n = int.from_bytes(self._pread(8, 0), "little")
-        if n == 0 or n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"header length {n} does not fit the file ({size} bytes, header limit {_MAX_HEADER})")
-        header = _parse_header(self._pread(n, 8))
-        self.metadata = _pop_metadata(header)
-        if not header:
-            raise ValueError("header declares no tensors")
-        data_size = size - 8 - n
-        entries = {key: _tensor_entry(key, info, data_size) for key, info in header.items()}
-        _check_tiling(entries, data_size)
-        return {key: (dtype, shape, 8 + n + begin, end - begin) for key, (dtype, shape, begin, end) in entries.items()}
-
-    def keys(self) -> list[str]:
-        return sorted(self._entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> str:
-        return self._entries[key][0]
-
-    def get(self, key: str) -> Any:
-        import torch
-
-        dtype, shape, offset, length = self._entries[key]
-        try:
-            buf = self._pread(length, offset)
-        except ValueError as exc:  # the file shrank after it was opened
-            raise ValueError(f"tensor {_short(key)}: {exc}") from None
-        return torch.frombuffer(buf, dtype=getattr(torch, _DTYPES[dtype])).reshape(shape)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:  # readers are short-lived; close the descriptor with them
-        try:
-            self.close()
-        except OSError:
-            pass
-
-
 class AdapterReader(Mapping):
     """A lazily read adapter directory: metadata up front, tensors on demand (``reader[key]``).
 
@@ -506,13 +248,8 @@ class AdapterReader(Mapping):
                 fix="re-publish it with uniflow or PEFT (float tensors in a complete safetensors file)",
             ) from None
         self.residual_path = self.path / RESIDUAL_FILE
-        if self.residual_path.exists() and verify and self.meta is not None:
-            if not self.meta.residual_sha256:  # an unrecorded residual would be folded into the base unverified
-                raise AdapterError(f"{self.residual_path} is not recorded in uniflow.json (no residual_sha256)", fix="re-publish the adapter")
-            if file_sha256(self.residual_path) != self.meta.residual_sha256:
-                raise AdapterError(
-                    f"{self.residual_path} does not match its sha256 in uniflow.json", fix="re-publish the adapter"
-                )
+        if verify:
+            _verify_residual(self.residual_path, self.meta, meta_path)
         self.modules, self.other_keys = lora_modules(self._keys)
 
     # Mapping protocol: reader[key] reads one tensor from disk.
@@ -556,9 +293,9 @@ class AdapterReader(Mapping):
             with safe_open(str(self.residual_path), "pt") as handle:
                 dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
             for key, dtype in sorted(dtypes.items()):
-                if dtype not in _DTYPES:
+                if dtype not in FLOAT_DTYPES:
                     raise AdapterError(
-                        f"{self.residual_path}: tensor {_short(key)} has dtype {dtype}; residual tensors must be float ({_FLOATS})",
+                        f"{self.residual_path}: tensor {_short(key)} has dtype {dtype}; residual tensors must be float ({FLOAT_NAMES})",
                         fix="re-publish the adapter with float residuals",
                     )
             return load_file(str(self.residual_path))
@@ -571,6 +308,27 @@ class AdapterReader(Mapping):
         if self.meta is not None and self.meta.client_id is not None:
             return f"client {self.meta.client_id} ({self.path})"
         return str(self.path)
+
+
+def _verify_residual(residual_path: Path, meta: AdapterMeta | None, meta_path: Path) -> None:
+    """A residual is recorded in uniflow.json and matches its sha256; a recorded one is present.
+
+    The residual is added to the frozen base weights of every client, so an unverified one (a plain PEFT
+    directory cannot record it; a null ``residual_sha256`` records nothing) would change the model unseen,
+    and a recorded residual that is gone would silently drop FedEx's correction.
+    """
+    present = residual_path.exists()
+    recorded = meta.residual_sha256 if meta is not None else None
+    if present and meta is None:
+        raise AdapterError(f"{residual_path} has no uniflow.json to record its sha256 (refused unverified)",
+                           fix="re-publish the adapter with uniflow, or remove the residual")
+    if present and not recorded:
+        raise AdapterError(f"{residual_path} is not recorded in uniflow.json (no residual_sha256)", fix="re-publish the adapter")
+    if not present and recorded:
+        raise AdapterError(f"{meta_path} records a residual_sha256 but {residual_path} is missing (incomplete drop)",
+                           fix="re-publish the adapter")
+    if present and file_sha256(residual_path) != recorded:
+        raise AdapterError(f"{residual_path} does not match its sha256 in uniflow.json", fix="re-publish the adapter")
 
 
 def _check_files(path: Path, *, strict: bool) -> None:
@@ -736,42 +494,3 @@ def is_adapter_of_role(path: Path, role: str) -> bool:
     except (OSError, UniflowError, ValueError):
         return False
     return isinstance(data, dict) and data.get("role") == role
-
-
-def describe_adapter(path: Path) -> dict[str, Any]:
-    """Everything ``uniflow inspect`` shows: metadata, and per LoRA module its rank, shapes, dtype and norms.
-
-    ``delta_norm`` is ‖s·B·A‖_F, computed from r×r Gram matrices (no d_out × d_in product).
-    """
-    import torch
-
-    reader = open_adapter(path)
-    layers = []
-    for module, (a_key, b_key) in sorted(reader.modules.items()):
-        entry: dict[str, Any] = {"module": module}
-        A = reader[a_key].to(torch.float64) if a_key else None
-        B = reader[b_key].to(torch.float64) if b_key else None
-        rank = A.shape[0] if A is not None else B.shape[1]  # type: ignore[union-attr]
-        entry["rank"] = rank
-        entry["dtype"] = reader.dtype(a_key or b_key)  # type: ignore[arg-type]
-        entry["A_shape"] = list(A.shape) if A is not None else None
-        entry["B_shape"] = list(B.shape) if B is not None else None
-        entry["A_norm"] = float(A.norm()) if A is not None else None
-        entry["B_norm"] = float(B.norm()) if B is not None else None
-        if A is not None and B is not None:
-            scale = lora_scaling(reader.peft_config, module, rank)
-            entry["delta_norm"] = scale * math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
-        else:
-            entry["delta_norm"] = None
-        layers.append(entry)
-    others = [{"key": k, "shape": list(reader.shape(k)), "dtype": reader.dtype(k)} for k in reader.other_keys]
-    residual_bytes = reader.residual_path.stat().st_size if reader.residual_path.exists() else 0
-    return {
-        "path": str(reader.path),
-        "meta": reader.meta.to_json() if reader.meta is not None else None,
-        "peft": {k: reader.peft_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save")},
-        "layers": layers,
-        "other_tensors": others,
-        "tensor_bytes": reader.nbytes(),
-        "residual_bytes": residual_bytes,
-    }

@@ -7,6 +7,12 @@ code raises these (validate, then compute) and never prints.
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable
+from typing import TypeVar
+
+_FORMATTER = string.Formatter()
+
 
 class UniflowError(Exception):
     """Base class: a problem the user can fix. ``str(err)`` is the whole one-line message."""
@@ -36,6 +42,8 @@ class ConfigError(UniflowError):
     (:meth:`renamed`). Raised with a plain message it is just a one-line error.
     """
 
+    NO_VALUE = object()  # for a rule about the setting as a whole: "weights has 2 values for 3 adapters"
+
     def __init__(self, message: str, *, fix: str | None = None, field: str | None = None, value: object = None,
                  rule: str | None = None, example: object = None) -> None:
         super().__init__(message, fix=fix)
@@ -48,7 +56,7 @@ class ConfigError(UniflowError):
     def invalid(cls, field: str, value: object, rule: str, *, example: object = None, fix: str | None = None) -> ConfigError:
         """``field=value rule``, fixed by ``set field = example`` (or the given ``fix``)."""
         key = field.rstrip("_")
-        return cls(f"{key}={_shown(value)} {rule}", fix=fix or (f"set {key} = {_shown(example)}" if example is not None else None),
+        return cls(f"{key} {rule}" if value is cls.NO_VALUE else f"{key}={_shown(value)} {rule}", fix=fix or (f"set {key} = {_shown(example)}" if example is not None else None),
                    field=field, value=value, rule=rule, example=example)
 
     def renamed(self, name: str, *, style: str = "flag", where: str | None = None) -> ConfigError:
@@ -61,8 +69,11 @@ class ConfigError(UniflowError):
             problem = f"{where}: {self.problem}" if where else self.problem
             return ConfigError(problem, fix=self.fix)
         example = self.example
-        if style == "flag":
-            problem = f"{name} {_flag_value(self.value)} {self.rule}"
+        if self.value is ConfigError.NO_VALUE:
+            problem = f"{where + ': ' if where and style == 'toml' else ''}{name} {self.rule}"
+            fix = self.fix
+        elif style == "flag":
+            problem = f"{name} {_flag_shown(self.value)} {self.rule}"
             fix = f"use {name} {_flag_value(example)}" if example is not None else self.fix
         elif style == "toml":
             problem = f"{where + ': ' if where else ''}{name}={_shown(self.value)} {self.rule}"
@@ -128,8 +139,39 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _flag_shown(value: object) -> str:
+    """A bad value after its flag, quoted if a string so its extent is plain: ``--stages 'both'``."""
+    return repr(value) if isinstance(value, str) else _shown(value)
+
+
 def _flag_value(value: object) -> str:
     """A value as it is typed after a flag: plain strings and numbers, true/false."""
     if isinstance(value, str) and value and " " not in value and len(value) <= 60:
         return value
     return _shown(value)
+
+
+E = TypeVar("E", bound=UniflowError)
+
+
+def worded(cls: type[E], problem: str, fix: str | None = None, **values: object) -> E:
+    """``cls(problem, fix=fix)`` whose ``{placeholders}`` not given in ``values`` name settings (``{round}``,
+    ``{out}``, ``{state_dir}``): told now in library terms (the field's name without a trailing ``_``), and
+    later in a front end's own terms by :func:`reword` (the CLI: its flags). ``values`` fill the other
+    placeholders as ``str.format`` does, so braces inside a value (a path) are never read as a template."""
+    fields = {name for text in (problem, fix or "") for _, name, _, _ in _FORMATTER.parse(text) if name and name not in values}
+    library = {f: f.rstrip("_") for f in fields}
+    exc = cls(problem.format(**library, **values), fix=fix.format(**library, **values) if fix else None)
+    exc.wording = (cls, problem, fix, values, fields)  # type: ignore[attr-defined]
+    return exc
+
+
+def reword(exc: UniflowError, name_of: Callable[[str], str | None]) -> UniflowError:
+    """``exc`` with the settings its template names told as ``name_of(field)`` (None: the library word);
+    an error built without :func:`worded` is returned unchanged."""
+    wording = getattr(exc, "wording", None)
+    if wording is None:
+        return exc
+    cls, problem, fix, values, fields = wording
+    names = {f: name_of(f) or f.rstrip("_") for f in fields}
+    return cls(problem.format(**names, **values), fix=fix.format(**names, **values) if fix else None)

@@ -91,7 +91,11 @@ def _validate(payload: Any) -> None:
     bs = config.get("bertscore")
     if not isinstance(bs, dict) or not isinstance(bs.get("model"), str) or isinstance(bs.get("num_layers"), bool) or not isinstance(bs.get("num_layers"), int):
         raise _Invalid("config.bertscore must be {\"model\": str, \"num_layers\": int}")
+    _validate_results(payload)
 
+
+def _validate_results(payload: dict[str, Any]) -> None:
+    """metrics, definitions and samples of a payload whose header :func:`_validate` checked."""
     metrics = payload["metrics"]
     if not isinstance(metrics, dict) or not metrics:
         raise _Invalid("metrics is not a non-empty object")

@@ -8,19 +8,22 @@ one server publishes a round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uniflow_cli.adapters import META_FILE, open_adapter, scan_adapter_dirs
-from uniflow_cli.errors import AdapterError, UniflowError, UnsafeInputError, UsageError, WorkspaceError
-from uniflow_cli.paths import ID_RULE, is_valid_id, read_regular
+from uniflow_cli.errors import AdapterError, ConfigError, UniflowError, UnsafeInputError, WorkspaceError
+from uniflow_cli.global_info import GlobalInfo
+from uniflow_cli.paths import ID_RULE, is_valid_id, open_regular, read_regular
 from uniflow_cli.workspace import Workspace
 
 LOCK_NAME = ".aggregate.lock"
@@ -59,17 +62,26 @@ def expected_clients(ws: Workspace) -> list[str]:
     return ids
 
 
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_wait_options(timeout: float, poll: float) -> None:
-    """``timeout`` finite and >= 0 (NaN would never time out), ``poll`` finite and > 0 (no busy loop)."""
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
-        raise UsageError(f"--timeout {timeout} must be a finite number of seconds >= 0", fix="use --timeout 600")
-    if not (isinstance(poll, (int, float)) and math.isfinite(poll) and poll > 0):
-        raise UsageError(f"--poll {poll} must be a finite number of seconds > 0", fix="use --poll 2")
+    """``timeout`` finite and >= 0 (NaN would never time out), ``poll`` finite and > 0 (no busy loop).
+
+    Library terms (the fields ``timeout``/``poll``): the CLI tells them as its ``--timeout``/``--poll``."""
+    if not (_seconds(timeout) and timeout >= 0):
+        raise ConfigError.invalid("timeout", timeout, "must be a finite number of seconds >= 0", example=600)
+    if not (_seconds(poll) and poll > 0):
+        raise ConfigError.invalid("poll", poll, "must be a finite number of seconds > 0", example=2)
 
 
 # --------------------------------------------------------------------------------------------------
 # The round lock
 # --------------------------------------------------------------------------------------------------
+LOCK_LIMIT = 4096  # bytes: a lock of ours is ~120; anything larger is not one
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -80,62 +92,170 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class LockFile:
+    """One lock file as read: its inode and bytes (what a takeover must find unchanged), and its age."""
+
+    dev: int
+    ino: int
+    data: bytes
+    mtime: float
+
+    def same_file(self, other: LockFile | None) -> bool:
+        # The bytes carry pid, host, start time and a random token, so a new lock never matches an old
+        # one even where the file system reuses the inode number at once (ext4 does).
+        return other is not None and (self.dev, self.ino, self.data) == (other.dev, other.ino, other.data)
+
+
+def read_lock(path: Path) -> LockFile | None:
+    """The lock at ``path``, or None when there is none. A symlink, FIFO or oversized file is an
+    UnsafeInputError (never a lock a server of ours wrote); other OSErrors pass."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, LOCK_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > LOCK_LIMIT:
+        raise UnsafeInputError(f"{path} is larger than {LOCK_LIMIT} bytes: not a round lock", fix="remove it by hand")
+    return LockFile(st.st_dev, st.st_ino, data, st.st_mtime)
+
+
+def _read_quietly(path: Path) -> LockFile | None:
+    try:
+        return read_lock(path)
+    except (OSError, UniflowError):
+        return None
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    """Return a lock moved aside by mistake to ``path`` without ever replacing a lock created meanwhile.
+
+    A hard link is the no-clobber move. Where the file system has none (some SMB mounts) a rename
+    after a check is the best left. If a third server locked ``path`` in between, its lock stands;
+    the one moved aside is dropped (its holder's ``release`` then finds the lock is not its own)."""
+    try:
+        try:
+            os.link(aside, path, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError:
+            if not os.path.lexists(path):
+                os.replace(aside, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+
+
+def remove_if_unchanged(path: Path, seen: LockFile) -> bool | None:
+    """Remove the lock at ``path`` only if it is still the file ``seen``: True when removed, False when
+    another lock had replaced it (that one is put back), None when nothing was there any more.
+
+    Checking and then unlinking ``path`` would remove whatever lies there *after* the check — another
+    server's fresh lock. A rename moves exactly the file that is there at that instant to a name only
+    we know; what we moved is then compared with what we judged, at leisure."""
+    aside = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.aside")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    if seen.same_file(_read_quietly(aside)):
+        os.unlink(aside)
+        return True
+    _put_back(aside, path)
+    return False
+
+
+def lock_is_stale(lock: LockFile, stale_after: float, now: float) -> bool:
+    """Its holder ran on this host and is gone, or it is older than ``stale_after`` seconds."""
+    try:
+        info = json.loads(lock.data or b"{}")
+    except ValueError:
+        return True  # unreadable lock content: a half-written lock from a killed server
+    if not isinstance(info, dict):
+        return True
+    pid = info.get("pid")
+    if info.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        return not _pid_alive(pid)
+    return now - lock.mtime > stale_after
+
+
 @dataclass
 class RoundLock:
     """An exclusive lock file (O_CREAT|O_EXCL works on local and NFSv3+ file systems).
 
     A lock is stale when its holder ran on this host and is gone, or when it is older than
-    ``stale_after`` seconds (a holder on another host that died); a stale lock is taken over.
+    ``stale_after`` seconds (a holder on another host that died); a stale lock is taken over with
+    :func:`remove_if_unchanged`, so two servers that both judged it stale never remove each other's
+    fresh lock: the slower one finds a fresh lock where the stale one was and backs off.
     """
 
     path: Path
     stale_after: float = DEFAULT_STALE_SECONDS
     notices: list[str] = field(default_factory=list)
     held: bool = False
+    _mine: LockFile | None = field(default=None, repr=False)
 
-    def _is_stale(self) -> bool:
+    def _is_stale(self, lock: LockFile) -> bool:
+        return lock_is_stale(lock, self.stale_after, time.time())
+
+    def _take_over_stale(self) -> bool:
+        """True when the lock is gone (a stale one removed, or its holder released it): try again."""
         try:
-            age = time.time() - os.lstat(self.path).st_mtime
-            info = json.loads(read_regular(self.path, limit=4096) or b"{}")
-        except FileNotFoundError:
-            return False
+            seen = read_lock(self.path)
         except UnsafeInputError:
             return False  # a FIFO/symlink is not a lock a server of ours wrote: never removed, never read
-        except (OSError, ValueError):
-            return True  # unreadable lock content: a half-written lock from a killed server
-        if not isinstance(info, dict):
+        except OSError:
+            return False  # a lock we cannot read cannot be checked after the move either: leave it
+        if seen is None:
             return True
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not isinstance(info.get("pid"), bool):
-            return not _pid_alive(info["pid"])
-        return age > self.stale_after
+        if not self._is_stale(seen):
+            return False
+        removed = remove_if_unchanged(self.path, seen)
+        if removed:
+            self.notices.append(f"removed stale lock {self.path} (its server is gone)")
+        return removed is not False
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "token": uuid.uuid4().hex}).encode()
+        try:
+            os.write(fd, data)  # one write: a reader sees the lock empty (fresh by its age) or whole
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # only just created, empty or partial (fresh by its age): nobody else's
+            raise
+        os.close(fd)
+        self._mine = LockFile(st.st_dev, st.st_ino, data, st.st_mtime)
+        self.held = True
+        return True
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._is_stale():
-                    self.notices.append(f"removed stale lock {self.path} (its server is gone)")
-                    try:
-                        self.path.unlink()
-                    except FileNotFoundError:
-                        pass
-                    continue
+            if self._create():
+                return True
+            if not self._take_over_stale():
                 return False
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, fh)
-            self.held = True
-            return True
         return False
 
     def release(self) -> None:
-        if self.held:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-            self.held = False
+        """Remove our lock — only ours: a lock another server took over (ours looked stale) stays."""
+        if not self.held:
+            return
+        self.held = False
+        mine, self._mine = self._mine, None
+        # The look first spares the rename dance (and its instant without a lock) when it is plainly not ours.
+        if mine is not None and mine.same_file(_read_quietly(self.path)):
+            remove_if_unchanged(self.path, mine)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,8 +294,8 @@ def wait_for_drops(
 ) -> DropScan:
     """Poll ``rounds/t/clients`` until every expected client dropped, or until ``timeout`` with at least
     ``min_clients`` valid drops (quorum). Invalid drops are logged once with their reason."""
-    if min_clients < 1:
-        raise UsageError(f"--min-clients {min_clients} must be >= 1", fix="use --min-clients 1 or more")
+    if not (isinstance(min_clients, int) and not isinstance(min_clients, bool) and min_clients >= 1):
+        raise ConfigError.invalid("min_clients", min_clients, "must be >= 1", example=1)
     check_wait_options(timeout, poll)
     deadline = clock() + timeout
     reported: set[tuple[str, str]] = set()
@@ -195,7 +315,7 @@ def wait_for_drops(
             raise QuorumError(
                 f"round {t}: {len(scan.valid)} valid drop(s) after {timeout:g} s, quorum is {min_clients}"
                 + (f" (missing clients {', '.join(scan.missing)})" if scan.missing else ""),
-                fix="wait for more clients (--timeout) or lower --min-clients",
+                fix="wait longer for more clients (timeout) or lower the quorum (min_clients)",
             )
         sleep(min(poll, max(0.0, deadline - clock())))
 
@@ -214,8 +334,7 @@ def late_drops(ws: Workspace, t: int) -> list[str]:
 
 def fused_clients(meta: Any) -> list[str]:
     """The client ids a global's ``uniflow.json`` says it fused (entries of another shape are skipped)."""
-    rows = meta.extra.get("clients", []) if meta is not None else []
-    return [str(row.get("client_id")) for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+    return GlobalInfo.of(meta).client_ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,12 +358,11 @@ def workspace_status(ws: Workspace) -> dict[str, Any]:
                 entry["error"] = str(exc)
                 meta = None
             if meta is not None:
+                info = GlobalInfo.of(meta)
                 entry["method"] = meta.method
-                entry["clients"] = fused_clients(meta)
-                summary = meta.extra.get("aggregation")
-                entry["rel_error_mean"] = summary.get("rel_error_mean") if isinstance(summary, dict) else None
-                engine = meta.extra.get("engine")
-                entry["engine"] = str(engine.get("name", "file-drop")) if isinstance(engine, dict) else "file-drop"
+                entry["clients"] = info.client_ids
+                entry["rel_error_mean"] = info.rel_error_mean
+                entry["engine"] = info.engine_name
                 if entry["engine"] == "flower" and not entry.get("dropped"):
                     # Flower carried the uploads (nothing was dropped here): missing = not fused into the global.
                     entry["missing"] = [c for c in expected if c not in entry["clients"]]

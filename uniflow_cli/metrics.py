@@ -252,7 +252,7 @@ def _layer_count(model_dir: Path) -> int:
             return int(config[key])
     raise ModelError(
         f"BERTScore model {model_dir}/config.json does not state its layer count",
-        fix="pass --bertscore-layers N explicitly",
+        fix="give the number of layers to use explicitly (bertscore_layers)",
     )
 
 

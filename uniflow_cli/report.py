@@ -105,7 +105,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunEvals:
         t = payload["round"]
         m = _ROUND_FILE.match(path.name)
         if m and int(m.group(1)) != t:
-            raise DataError(f"eval file {path} says round {t} but is named round-{m.group(1)}", fix="rename it round-{t}.json")
+            raise DataError(f"eval file {path} says round {t} but is named round-{m.group(1)}", fix=f"rename it round-{t}.json")
         if t in rounds:
             raise DataError(
                 f"round {t} is evaluated twice in {where} ({origin[t].name} and {path.name})", fix="keep one of the two files"

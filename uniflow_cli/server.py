@@ -18,11 +18,47 @@ from uniflow_cli.adapters import AdapterMeta, AdapterReader, is_adapter_of_role,
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
 from uniflow_cli.atomic import StagedFile, check_writable_target
 from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UniflowError, UsageError, WorkspaceError
+from uniflow_cli.global_info import GlobalInfo, common_settings, global_meta
 from uniflow_cli.paths import overlap, read_regular
-from uniflow_cli.workspace import AggregateSettings, find_workspace
+from uniflow_cli.settings import UPLOAD_DTYPES as DTYPES
+from uniflow_cli.settings import WEIGHTINGS, AggregateSettings
+from uniflow_cli.workspace import Workspace
 
-DTYPES = ("float32", "bfloat16", "float16")
-WEIGHTINGS = ("examples", "uniform")
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the global is written: storage dtype, replacing an earlier global, the per-layer JSON report."""
+
+    dtype: str = "float32"
+    force: bool = False
+    report_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError.invalid("dtype", self.dtype, f"is not one of {', '.join(DTYPES)}", example="float32")
+
+
+@dataclass(frozen=True)
+class WaitOptions:
+    """A workspace round's waiting: for drops (quorum ``min_clients`` by ``timeout``) and for another server's lock."""
+
+    wait: bool = False
+    timeout: float = 600.0
+    min_clients: int = 1
+    poll: float = 2.0
+    stale_after: float = 3600.0
+
+    def __post_init__(self) -> None:
+        from uniflow_cli.federation import check_wait_options
+
+        check_wait_options(self.timeout, self.poll)
+        if self.min_clients < 1:
+            raise ConfigError.invalid("min_clients", self.min_clients, "must be >= 1", example=1)
+
+
+def core_options(settings: AggregateSettings) -> AggregationOptions:
+    """The pure core's options from the resolved ``[aggregate]`` settings."""
+    return AggregationOptions(method=settings.method, lambda_=settings.lambda_, ridge=settings.ridge, rcond=settings.rcond)
 
 
 @dataclass
@@ -42,26 +78,14 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-def parse_weights(text: str | None) -> list[float] | None:
-    """``"3,1,2"`` → [3.0, 1.0, 2.0]; a clear error names the bad entry."""
-    if text is None:
-        return None
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise UsageError(f"--weights entry {part.strip()!r} is not a number", fix="e.g. --weights 3,1,2") from None
-    return values
-
-
 def _client_weights(readers: Sequence[AdapterReader], weighting: str, explicit: list[float] | None, notices: list[str]) -> list[float]:
     if explicit is not None:
         if len(explicit) != len(readers):
-            raise UsageError(f"--weights has {len(explicit)} values for {len(readers)} adapters", fix="give one weight per adapter, in order")
+            raise ConfigError.invalid("weights", ConfigError.NO_VALUE, f"has {len(explicit)} values for {len(readers)} adapters",
+                                      fix="give one weight per adapter, in order")
         return explicit
     if weighting not in WEIGHTINGS:
-        raise UsageError(f"--weighting {weighting!r} is not one of {'|'.join(WEIGHTINGS)}", fix="use --weighting examples")
+        raise ConfigError.invalid("weighting", weighting, f"is not one of {'|'.join(WEIGHTINGS)}", example="examples")
     if weighting == "uniform":
         return [1.0] * len(readers)
     plain = [r for r in readers if r.meta is None]
@@ -73,9 +97,7 @@ def _client_weights(readers: Sequence[AdapterReader], weighting: str, explicit: 
         return [1.0] * len(readers)
     missing = [r for r in readers if r.meta is not None and r.meta.num_examples is None]
     if missing:
-        raise UsageError(
-            f"{missing[0].label} records no num_examples", fix="pass --weighting uniform or --weights"
-        )
+        raise UsageError(f"{missing[0].label} records no num_examples", fix="weight the clients uniformly or explicitly (weighting / weights)")
     return [float(r.meta.num_examples) for r in readers]  # type: ignore[union-attr]
 
 
@@ -86,7 +108,7 @@ def _check_metadata(readers: Sequence[AdapterReader], start: AdapterReader | Non
         if meta is None:
             continue
         if meta.role != "client":
-            raise UsageError(f"{reader.path} is a {meta.role} adapter, not a client drop", fix="pass client adapters only")
+            raise UsageError(f"{reader.path} is a {meta.role} adapter, not a client drop", fix="aggregate client adapters only")
         if meta.client_id is not None:
             if meta.client_id in seen:
                 raise IncompatibleAdaptersError(
@@ -105,7 +127,7 @@ def _check_metadata(readers: Sequence[AdapterReader], start: AdapterReader | Non
         (fa, ra) = next(iter(fingerprints.items()))
         if fa != start.meta.base_fingerprint:
             raise IncompatibleAdaptersError(
-                f"base_fingerprint of {ra.label} differs from the starting global {start.path}", fix="pass the matching --start"
+                f"base_fingerprint of {ra.label} differs from the starting global {start.path}", fix="start from the global these clients trained on"
             )
     rounds = {r.meta.round for r in readers if r.meta is not None and r.meta.round is not None}
     if len(rounds) > 1:
@@ -115,13 +137,10 @@ def _check_metadata(readers: Sequence[AdapterReader], start: AdapterReader | Non
 def run_aggregate(
     inputs: Sequence[Path],
     out: Path,
-    options: AggregationOptions,
+    settings: AggregateSettings,
     *,
-    weighting: str = "examples",
     weights: list[float] | None = None,
-    dtype: str = "float32",
-    force: bool = False,
-    report_path: Path | None = None,
+    output: OutputOptions = OutputOptions(),
     start: Path | None = None,
     round_: int | None = None,
     on_layer: Callable[[int, int], None] | None = None,
@@ -129,67 +148,61 @@ def run_aggregate(
     """Validate every input, fuse, publish ``out`` atomically, write the report. Nothing is written on error."""
     import torch
 
-    _check_targets(inputs, out, dtype=dtype, force=force, report_path=report_path, start=start)
+    options = core_options(settings)
+    _check_targets(inputs, out, output, start=start)
     notices: list[str] = []
     readers = [open_adapter(p) for p in inputs]
     start_reader = open_adapter(start) if start is not None else None
     _check_metadata(readers, start_reader)
-    raw_weights = _client_weights(readers, weighting, weights, notices)
+    raw_weights = _client_weights(readers, settings.weighting, weights, notices)
 
     clients = [ClientUpdate(r.label, r, r.peft_config) for r in readers]
     start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config) if start_reader else None
     result = aggregate(clients, raw_weights, options, start=start_update, on_layer=on_layer)
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, output.dtype)
     tensors = {k: v.to(torch_dtype) for k, v in result.tensors.items()}
     client_rows = [
         {"client_id": r.meta.client_id if r.meta else None, "path": str(r.path), "num_examples": r.meta.num_examples if r.meta else None, "weight": w}
         for r, w in zip(readers, result.weights)
     ]
-    options_row = {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": weighting, "dtype": dtype}
-    meta = _global_meta([r.meta for r in readers if r.meta is not None], result, round_, client_rows, options_row)
-    written, sizes = _publish(out, result, tensors, meta, report_path, force=force)
+    options_row = {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": settings.weighting, "dtype": output.dtype}
+    metas = [r.meta for r in readers if r.meta is not None]
+    meta = global_meta(
+        result, round_=round_ if round_ is not None else _common_round(metas), clients=client_rows, options=options_row,
+        base_fingerprint=next((m.base_fingerprint for m in metas if m.base_fingerprint), None),
+        modalities=[mod for m in metas for mod in m.modalities], num_examples=_total_examples(metas),
+        # The model the global is for: what the drops agree on, else what the clients started from.
+        settings=common_settings(metas) or (GlobalInfo.of(start_reader.meta).settings if start_reader is not None else None),
+    )
+    written, sizes = _publish(out, result, tensors, meta, output)
     return AggregateOutcome(written, result, client_rows, sizes["tensors"], sizes["residual"], notices)
 
 
-def _check_targets(inputs: Sequence[Path], out: Path, *, dtype: str, force: bool, report_path: Path | None, start: Path | None) -> None:
+def _common_round(metas: Sequence[AdapterMeta]) -> int | None:
+    rounds = {m.round for m in metas if m.round is not None}
+    return rounds.pop() if len(rounds) == 1 else None
+
+
+def _check_targets(inputs: Sequence[Path], out: Path, output: OutputOptions, *, start: Path | None) -> None:
     """Everything about the command's inputs and outputs that can be checked before any work."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", fix="use --dtype float32")
     if not inputs:
-        raise UsageError("no client adapters to aggregate", fix="pass adapter directories, or --round T inside a workspace")
+        raise UsageError("no client adapters to aggregate", fix="give the client adapter directories, or a round of a workspace")
     resolved = [Path(p).resolve() for p in inputs]
     if len(set(resolved)) != len(resolved):
         dup = next(p for p in resolved if resolved.count(p) > 1)
         raise UsageError(f"adapter {dup} is given twice", fix="pass each adapter once")
-    check_outputs_apart(Path(out), report_path, [*inputs, *([start] if start is not None else [])])
-    check_writable_target(Path(out), force=force, replaces=lambda p: is_adapter_of_role(p, "global"), kind="uniflow global adapter")
-    if report_path is not None:
-        check_writable_target(Path(report_path), force=force, replaces=is_aggregate_report, kind="uniflow aggregate report")
+    check_outputs_apart(Path(out), output.report_path, [*inputs, *([start] if start is not None else [])])
+    check_writable_target(Path(out), force=output.force, replaces=lambda p: is_adapter_of_role(p, "global"), kind="uniflow global adapter")
+    if output.report_path is not None:
+        check_writable_target(Path(output.report_path), force=output.force, replaces=is_aggregate_report, kind="uniflow aggregate report")
 
 
-def _global_meta(
-    metas: Sequence[AdapterMeta], result: AggregationResult, round_: int | None, client_rows: list[dict[str, Any]], options_row: dict[str, Any]
-) -> AdapterMeta:
-    """The global's ``uniflow.json``: what the inputs agree on, the method's summary and the clients fused."""
-    rounds = {m.round for m in metas if m.round is not None}
-    return AdapterMeta(
-        role="global",
-        base_fingerprint=next((m.base_fingerprint for m in metas if m.base_fingerprint), None),
-        round=round_ if round_ is not None else (rounds.pop() if len(rounds) == 1 else None),
-        num_examples=_total_examples(metas),
-        modalities=sorted({mod for m in metas for mod in m.modalities}),
-        method=result.method,
-        extra={"aggregation": result.summary(), "options": options_row, "clients": client_rows, "notes": result.notes},
-    )
-
-
-def _publish(
-    out: Path, result: AggregationResult, tensors: dict[str, Any], meta: AdapterMeta, report_path: Path | None, *, force: bool
-) -> tuple[Path, dict[str, int]]:
+def _publish(out: Path, result: AggregationResult, tensors: dict[str, Any], meta: AdapterMeta, output: OutputOptions) -> tuple[Path, dict[str, int]]:
     """Publish the global and then the report, with nothing left to fail after the global's rename."""
     sizes: dict[str, int] = {}
     staged: list[StagedFile] = []
+    report_path, force = output.report_path, output.force
 
     def stage_report(tmp: Path) -> None:
         # Runs before the global's rename: the report is written in full now and only renamed afterwards,
@@ -201,8 +214,8 @@ def _publish(
             report = {
                 **result.summary(),
                 "out": str(out),
-                "clients": meta.extra["clients"],
-                "options": meta.extra["options"],
+                "clients": GlobalInfo.of(meta).clients,
+                "options": GlobalInfo.of(meta).options,
                 "tensor_bytes": sizes["tensors"],
                 "residual_bytes": sizes["residual"],
                 "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
@@ -249,44 +262,11 @@ def check_outputs_apart(out: Path, report: Path | None, inputs: Sequence[Path]) 
     for given in inputs:
         relation = overlap(out, given)
         if relation is not None:
-            raise UsageError(f"--out {out} {relation} the input {given}", fix="write the global to a directory apart from its inputs")
+            raise UsageError(f"the output {out} {relation} the input {given}", fix="write the global to a directory apart from its inputs")
         if report is not None and overlap(report, given) is not None:
-            raise UsageError(f"--report {report} {overlap(report, given)} the input {given}", fix="write the report outside the input adapters")
+            raise UsageError(f"the report {report} {overlap(report, given)} the input {given}", fix="write the report outside the input adapters")
     if report is not None and overlap(report, out) is not None:
-        raise UsageError(f"--report {report} {overlap(report, out)} --out {out}", fix="write the report beside the global, e.g. --report report.json")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    method: str
-    lambda_: float
-    ridge: str
-    weighting: str
-
-
-def settings_for(
-    workspace: Path | None, method: str | None, lambda_: float | None, ridge: str | None, weighting: str | None
-) -> ServerSettings:
-    """Command-line values override the workspace's ``[aggregate]`` table, which overrides the defaults.
-
-    The table is validated here (a ConfigError names uniflow.toml); the command-line values are validated
-    by :class:`AggregationOptions` and :func:`run_aggregate` (usage errors naming the flag).
-    """
-    ws = find_workspace(workspace, required=False)
-    table = dict(ws.config().get("aggregate", {})) if ws is not None else {}
-    if "lambda" in table:
-        table["lambda_"] = table.pop("lambda")
-    known = {k: v for k, v in table.items() if k in AggregateSettings.__dataclass_fields__}
-    try:
-        base = AggregateSettings(**known)
-    except ConfigError as exc:
-        raise ConfigError(f"{ws.config_path if ws else 'uniflow.toml'} [aggregate]: {exc.problem}", fix=exc.fix) from None
-    return ServerSettings(
-        method=method if method is not None else base.method,
-        lambda_=lambda_ if lambda_ is not None else base.lambda_,
-        ridge=ridge if ridge is not None else base.ridge,
-        weighting=weighting if weighting is not None else base.weighting,
-    )
+        raise UsageError(f"the report {report} {overlap(report, out)} the output {out}", fix="write the report beside the global, e.g. report.json")
 
 
 @dataclass
@@ -298,86 +278,83 @@ class RoundOutcome:
 
 
 def run_round(
-    workspace: Path | None,
+    ws: Workspace,
     t: int,
-    options: AggregationOptions,
+    settings: AggregateSettings,
     *,
-    weighting: str = "examples",
     weights: list[float] | None = None,
-    dtype: str = "float32",
-    force: bool = False,
-    report_path: Path | None = None,
-    wait: bool = False,
-    timeout: float = 600.0,
-    min_clients: int = 1,
-    poll: float = 2.0,
-    stale_after: float = 3600.0,
+    output: OutputOptions = OutputOptions(),
+    waiting: WaitOptions = WaitOptions(),
     log: Callable[[str], None] = lambda _m: None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> RoundOutcome:
     """The server's round in a workspace: wait for drops (quorum), lock, fuse, publish ``rounds/t/global``.
 
-    A second server on the same round waits for the first (with ``wait``) or fails with a clear line;
-    a rerun of a published round is a no-op that reports late drops.
+    A second server on the same round waits for the first (with ``waiting.wait``) or fails with a clear
+    line; a rerun of a published round is a no-op that reports late drops.
     """
-    import time
+    from uniflow_cli.federation import QuorumError, RoundLock, expected_clients, late_drops, round_published, scan_round, wait_for_drops
 
-    from uniflow_cli.federation import (
-        LockedError, QuorumError, RoundLock, check_wait_options, expected_clients, late_drops, round_published, scan_round, wait_for_drops,
-    )
-
-    check_wait_options(timeout, poll)
     if t < 1:
-        raise UsageError(f"--round {t}: round 0 is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
-    ws = find_workspace(workspace)
-    assert ws is not None
+        raise ConfigError.invalid("round", t, "is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
     messages: list[str] = []
 
     def say(message: str) -> None:
         messages.append(message)
         log(message)
 
-    if round_published(ws, t) and not force:
+    def already_done() -> bool:
+        return round_published(ws, t) and not output.force
+
+    if already_done():
         return RoundOutcome(t, None, late_drops(ws, t), messages)
-    if not ws.clients_dir(t).is_dir() and not wait:
-        raise WorkspaceError(f"no client drops for round {t}: {ws.clients_dir(t)} does not exist", fix="run local-train for this round first, or pass --wait")
+    if not ws.clients_dir(t).is_dir() and not waiting.wait:
+        raise WorkspaceError(f"no client drops for round {t}: {ws.clients_dir(t)} does not exist", fix="run local-train for this round first, or wait for drops")
     expected = expected_clients(ws)
-    if wait:  # waiting for drops holds no lock: two servers may wait side by side
-        scan = wait_for_drops(ws, t, expected=expected, min_clients=min_clients, timeout=timeout, poll=poll, log=say)
-    lock = RoundLock(ws.round_dir(t) / ".aggregate.lock", stale_after=stale_after)
-    lock_deadline = time.monotonic() + timeout
-    while not lock.try_acquire():
-        if wait and time.monotonic() >= lock_deadline:
-            raise LockedError(
-                f"another server still holds round {t}'s lock after {timeout:g} s ({lock.path})",
-                fix="wait for it; remove the lock file only if that server is dead",
-            )
-        if not wait:
-            raise LockedError(
-                f"another server is aggregating round {t} (lock {lock.path})",
-                fix="wait for it (or pass --wait); remove the lock file only if that server is dead",
-            )
-        if round_published(ws, t) and not force:
-            return RoundOutcome(t, None, late_drops(ws, t), messages)
-        time.sleep(poll)  # the holder is alive (a dead one's lock is stale and taken over)
+    if waiting.wait:  # waiting for drops holds no lock: two servers may wait side by side
+        wait_for_drops(ws, t, expected=expected, min_clients=waiting.min_clients, timeout=waiting.timeout, poll=waiting.poll, log=say)
+    lock = RoundLock(ws.round_dir(t) / ".aggregate.lock", stale_after=waiting.stale_after)
+    if not _acquire(lock, t, waiting, already_done):
+        return RoundOutcome(t, None, late_drops(ws, t), messages)
     for note in lock.notices:
         say(note)
     try:
-        if round_published(ws, t) and not force:  # the other server finished while we waited for the lock
+        if already_done():  # the other server finished while we waited for the lock
             return RoundOutcome(t, None, late_drops(ws, t), messages)
         scan = scan_round(ws, t, expected)  # under the lock: the final list of complete drops
-        if not wait:
+        if not waiting.wait:
             for path, reason in scan.rejected:
                 say(f"ignoring drop {path}: {reason}")
-        if len(scan.valid) < min_clients:
-            raise QuorumError(f"round {t}: {len(scan.valid)} valid drop(s), quorum is {min_clients}", fix="wait for more clients (--wait) or lower --min-clients")
+        if len(scan.valid) < waiting.min_clients:
+            raise QuorumError(f"round {t}: {len(scan.valid)} valid drop(s), quorum is {waiting.min_clients}", fix="wait for more clients or lower the quorum (min_clients)")
         for name in scan.unexpected:
             say(f"drop {name} is not a client of data/partition.json; included anyway")
         start = ws.global_dir(t - 1)
-        outcome = run_aggregate(
-            scan.valid, ws.global_dir(t), options, weighting=weighting, weights=weights, dtype=dtype, force=force,
-            report_path=report_path, start=start if start.is_dir() else None, round_=t, on_layer=on_layer,
-        )
+        outcome = run_aggregate(scan.valid, ws.global_dir(t), settings, weights=weights, output=output,
+                                start=start if start.is_dir() else None, round_=t, on_layer=on_layer)
         return RoundOutcome(t, outcome, [], messages)
     finally:
         lock.release()
+
+
+def _acquire(lock: Any, t: int, waiting: WaitOptions, already_done: Callable[[], bool]) -> bool:
+    """Take the round's lock; False when another server published the round meanwhile (nothing to do).
+
+    Without ``wait`` a held lock is an error at once; with it we poll until ``timeout``. A dead holder's
+    lock is stale and taken over by ``RoundLock`` itself."""
+    import time
+
+    from uniflow_cli.federation import LockedError
+
+    deadline = time.monotonic() + waiting.timeout
+    while not lock.try_acquire():
+        if not waiting.wait:
+            raise LockedError(f"another server is aggregating round {t} (lock {lock.path})",
+                              fix="wait for it (or let this server wait); remove the lock file only if that server is dead")
+        if time.monotonic() >= deadline:
+            raise LockedError(f"another server still holds round {t}'s lock after {waiting.timeout:g} s ({lock.path})",
+                              fix="wait for it; remove the lock file only if that server is dead")
+        if already_done():
+            return False
+        time.sleep(waiting.poll)
+    return True

@@ -252,7 +252,23 @@ def load_section(ws: Workspace | None, cls: type) -> dict[str, Any]:
     if ws is None:
         return {}
     table = ws.config().get(cls.SECTION, {})  # type: ignore[attr-defined]  (load_config checked it is a table)
-    return check_keys(table, cls, section_where(ws, cls))
+    values = check_keys(table, cls, section_where(ws, cls))
+    _check_table_types(cls, values, section_where(ws, cls))
+    return values
+
+
+def _check_table_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Each value of a table has its field's type — checked on the table alone, so that a broken value in the
+    shared uniflow.toml is reported even where a flag overrides it on one machine (it must be fixed, not masked)."""
+    renames: dict[str, str] = getattr(cls, "TOML_KEYS", {})
+    for f in dataclasses.fields(cls):
+        if f.name in values and str(f.type) in _FIELD_TYPES:
+            accepts, what = _FIELD_TYPES[str(f.type)]
+            value = values[f.name]
+            if not accepts(value):
+                key = renames.get(f.name, f.name)
+                shown = json.dumps(value) if isinstance(value, bool) else repr(value)
+                raise ConfigError(f"{where}: {key}={shown} must be {what}, not {toml_type(value)}", fix=f"write {key} = {_example(f)} in {where}")
 
 
 def resolve(cls: type[T], ws: Workspace | None, overrides: Mapping[str, Any] | None = None) -> T:

@@ -123,7 +123,7 @@ def find_workspace(explicit: Path | None = None, *, required: bool = True, cwd: 
         root = Path(explicit)
         if not (root / CONFIG_NAME).is_file():
             raise WorkspaceError(
-                f"--workspace {root} has no {CONFIG_NAME}", fix=f"run 'uniflow init {root}' first, or point to the right directory"
+                f"workspace {root} has no {CONFIG_NAME}", fix=f"run 'uniflow init {root}' first, or point to the right directory"
             )
         return Workspace(root.resolve())
     env = os.environ.get(ENV_VAR)

@@ -14,34 +14,41 @@ from typing import Any
 
 import torch
 
-from uniflow_cli.adapters import base_weight_key, lora_key, lora_modules, lora_scaling
 from uniflow_cli.aggregation import linalg
 from uniflow_cli.aggregation.methods import METHODS, LayerInputs, Method
-from uniflow_cli.errors import AggregationError, IncompatibleAdaptersError, UsageError
+from uniflow_cli.aggregation.registry import DEFAULT_METHOD, method_spec
+from uniflow_cli.errors import AggregationError, ConfigError, IncompatibleAdaptersError, UsageError
+from uniflow_cli.peft_keys import PEFT_PREFIX, base_weight_key, lora_key, lora_modules, lora_scaling
+from uniflow_cli.settings import DEFAULT_RCOND, RIDGE_MODES  # also imported from here by callers
 
 Tensor = torch.Tensor
-RIDGE_MODES = ("auto", "always", "never")
-DEFAULT_RCOND = 1e-7  # ≈ float32 machine epsilon: adapters are stored in float32 or narrower
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
 class AggregationOptions:
-    """Server options with the paper's names. ``lambda_`` is Eq. 13's Tikhonov λ."""
+    """Server options with the paper's names. ``lambda_`` is Eq. 13's Tikhonov λ.
 
-    method: str = "fedA2"
+    Errors name the field (``lambda_``), not a front end's spelling of it: the CLI tells them as its flag,
+    Flower as its run-config key (:class:`uniflow_cli.errors.ConfigError`).
+    """
+
+    method: str = DEFAULT_METHOD
     lambda_: float = 1.0
     ridge: str = "auto"
     rcond: float = DEFAULT_RCOND
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
-        if not (isinstance(self.lambda_, (int, float)) and math.isfinite(self.lambda_) and self.lambda_ >= 0):
-            raise UsageError(f"--lambda {self.lambda_!r} must be a finite number >= 0", fix="use --lambda 1.0 (the paper's default)")
+        method_spec(self.method)
+        if not (_finite(self.lambda_) and self.lambda_ >= 0):
+            raise ConfigError.invalid("lambda_", self.lambda_, "must be a finite number >= 0", example=1.0)
         if self.ridge not in RIDGE_MODES:
-            raise UsageError(f"--ridge {self.ridge!r} is not one of {'|'.join(RIDGE_MODES)}", fix="use --ridge auto")
-        if not (0 < self.rcond < 1):
-            raise UsageError(f"--rcond {self.rcond!r} must be in (0, 1)", fix=f"use --rcond {DEFAULT_RCOND:g}")
+            raise ConfigError.invalid("ridge", self.ridge, f"is not one of {'|'.join(RIDGE_MODES)}", example="auto")
+        if not (_finite(self.rcond) and 0 < self.rcond < 1):
+            raise ConfigError.invalid("rcond", self.rcond, "must be in (0, 1)", example=DEFAULT_RCOND)
 
 
 @dataclass
@@ -118,7 +125,7 @@ def normalize_weights(raw: Sequence[float]) -> Tensor:
         except OverflowError:  # an int beyond float64
             number = math.inf
         if not (math.isfinite(number) and number > 0):
-            raise UsageError(f"client weight {value!r:.40} must be a finite number > 0", fix="e.g. --weights 3,1,2")
+            raise UsageError(f"client weight {value!r:.40} must be a finite number > 0", fix="give each client a positive weight, e.g. 3, 1, 2")
         values.append(number)
     w = torch.tensor(values, dtype=torch.float64)
     if not math.isfinite(float(w.sum())):
@@ -140,6 +147,15 @@ class _Layer:
 
 def _plan(clients: Sequence[ClientUpdate], method: Method, start: ClientUpdate | None) -> tuple[list[_Layer], list[str]]:
     """Check that the clients can be fused by ``method``; return the layer plan and non-LoRA keys."""
+    modules, other = _common_layout(clients)
+    layers = [_plan_layer(clients, module, method, start) for module in sorted(modules)]
+    if start is not None and method.frozen_A:
+        _check_start(start, layers)
+    return layers, sorted(other)
+
+
+def _common_layout(clients: Sequence[ClientUpdate]) -> tuple[dict[str, tuple[str | None, str | None]], list[str]]:
+    """The first client's LoRA modules and non-LoRA keys, which every other client must share (same shapes)."""
     first = clients[0]
     modules0, other0 = lora_modules(list(first.tensors))
     if not modules0:
@@ -165,62 +181,72 @@ def _plan(clients: Sequence[ClientUpdate], method: Method, start: ClientUpdate |
                     f"{client.label}: {key} has shape {list(client.shape(key))}, {first.label} has {list(first.shape(key))}",
                     fix="aggregate only adapters of the same base model",
                 )
-    layers = []
-    for module in sorted(modules0):
-        ranks, d_ins, d_outs = [], set(), set()
-        for client in clients:
-            a_key, b_key = lora_modules(_keys_of(client, module))[0][module]
-            if method.needs_A and a_key is None:
-                raise IncompatibleAdaptersError(f"{client.label} has no lora_A for {module}", fix=f"method {method.name} needs every client's A")
-            if method.needs_B and b_key is None:
-                raise IncompatibleAdaptersError(f"{client.label} has no lora_B for {module}", fix=f"method {method.name} needs every client's B")
-            rank = None
-            if a_key is not None:
-                shape = client.shape(a_key)
-                if len(shape) != 2:
-                    raise IncompatibleAdaptersError(f"{client.label}: {a_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
-                rank = shape[0]
-                d_ins.add(shape[1])
-            if b_key is not None:
-                shape = client.shape(b_key)
-                if len(shape) != 2:
-                    raise IncompatibleAdaptersError(f"{client.label}: {b_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
-                if rank is not None and shape[1] != rank:
-                    raise IncompatibleAdaptersError(
-                        f"{client.label}: {module} has lora_A of rank {rank} but lora_B of rank {shape[1]}",
-                        fix="the adapter is inconsistent; re-publish it",
-                    )
-                rank = shape[1]
-                d_outs.add(shape[0])
-            ranks.append(rank)
-        if len(d_ins) > 1 or len(d_outs) > 1:
+    return modules0, other0
+
+
+def _plan_layer(clients: Sequence[ClientUpdate], module: str, method: Method, start: ClientUpdate | None) -> _Layer:
+    """One module's ranks and shapes across the clients, checked for ``method``."""
+    ranks, d_ins, d_outs = [], set(), set()
+    for client in clients:
+        ranks.append(_client_rank(client, module, method, d_ins, d_outs))
+    if len(d_ins) > 1 or len(d_outs) > 1:
+        raise IncompatibleAdaptersError(
+            f"{module}: shapes differ across clients (d_in {sorted(d_ins)}, d_out {sorted(d_outs)})",
+            fix="aggregate only adapters of the same base model",
+        )
+    if method.frozen_A and len(set(ranks)) > 1:
+        raise IncompatibleAdaptersError(
+            f"{module}: {method.name} needs one frozen A, but client ranks differ ({sorted(set(ranks))})",
+            fix="use fedit or fedA2 for heterogeneous ranks",
+        )
+    if method.frozen_A and start is None and any(lora_modules(_keys_of(c, module))[0][module][0] is None for c in clients):
+        raise UsageError(
+            f"{method.name}: clients did not upload lora_A of {module} and no starting global was given",
+            fix="give the global adapter the clients trained from as the start (it holds the frozen A)",
+        )
+    out_rank = sum(ranks) if not method.pads else max(ranks)
+    return _Layer(module, ranks, d_ins.pop() if d_ins else None, d_outs.pop() if d_outs else None, out_rank)
+
+
+def _client_rank(client: ClientUpdate, module: str, method: Method, d_ins: set[int], d_outs: set[int]) -> int:
+    """A client's rank of ``module`` (from A, else B); records its d_in / d_out in the given sets."""
+    a_key, b_key = lora_modules(_keys_of(client, module))[0][module]
+    if method.needs_A and a_key is None:
+        raise IncompatibleAdaptersError(f"{client.label} has no lora_A for {module}", fix=f"method {method.name} needs every client's A")
+    if method.needs_B and b_key is None:
+        raise IncompatibleAdaptersError(f"{client.label} has no lora_B for {module}", fix=f"method {method.name} needs every client's B")
+    rank = None
+    if a_key is not None:
+        shape = client.shape(a_key)
+        if len(shape) != 2:
+            raise IncompatibleAdaptersError(f"{client.label}: {a_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
+        rank = shape[0]
+        d_ins.add(shape[1])
+    if b_key is not None:
+        shape = client.shape(b_key)
+        if len(shape) != 2:
+            raise IncompatibleAdaptersError(f"{client.label}: {b_key} has shape {list(shape)}, expected 2-D", fix="re-publish the adapter")
+        if rank is not None and shape[1] != rank:
             raise IncompatibleAdaptersError(
-                f"{module}: shapes differ across clients (d_in {sorted(d_ins)}, d_out {sorted(d_outs)})",
-                fix="aggregate only adapters of the same base model",
+                f"{client.label}: {module} has lora_A of rank {rank} but lora_B of rank {shape[1]}",
+                fix="the adapter is inconsistent; re-publish it",
             )
-        if method.name == "ffa" and len(set(ranks)) > 1:
+        rank = shape[1]
+        d_outs.add(shape[0])
+    return rank  # type: ignore[return-value] - lora_modules yields A or B (or both) for every module
+
+
+def _check_start(start: ClientUpdate, layers: Sequence[_Layer]) -> None:
+    """The starting global holds the frozen A of every layer, at the clients' rank."""
+    for layer in layers:
+        key = lora_key(layer.module, "A")
+        if key not in start.tensors:
+            raise IncompatibleAdaptersError(f"{start.label} has no {key}", fix="start from the global adapter the clients trained from")
+        if start.shape(key) != (layer.out_rank, layer.d_in or start.shape(key)[1]):
             raise IncompatibleAdaptersError(
-                f"{module}: ffa needs one frozen A, but client ranks differ ({sorted(set(ranks))})",
-                fix="use fedit or fedA2 for heterogeneous ranks",
+                f"{start.label}: {key} has shape {list(start.shape(key))}, clients expect rank {layer.out_rank}",
+                fix="start from the global adapter the clients trained from",
             )
-        if method.name == "ffa" and start is None and any(lora_modules(_keys_of(c, module))[0][module][0] is None for c in clients):
-            raise UsageError(
-                f"ffa: clients did not upload lora_A of {module} and no starting global was given",
-                fix="pass --start DIR (the global adapter the clients trained from)",
-            )
-        out_rank = sum(ranks) if not method.pads else max(ranks)
-        layers.append(_Layer(module, ranks, d_ins.pop() if d_ins else None, d_outs.pop() if d_outs else None, out_rank))
-    if start is not None and method.name == "ffa":
-        for layer in layers:
-            key = lora_key(layer.module, "A")
-            if key not in start.tensors:
-                raise IncompatibleAdaptersError(f"{start.label} has no {key}", fix="pass the global adapter the clients started from as --start")
-            if start.shape(key) != (layer.out_rank, layer.d_in or start.shape(key)[1]):
-                raise IncompatibleAdaptersError(
-                    f"{start.label}: {key} has shape {list(start.shape(key))}, clients expect rank {layer.out_rank}",
-                    fix="pass the global adapter the clients started from as --start",
-                )
-    return layers, sorted(other0)
 
 
 def _keys_of(client: ClientUpdate, module: str) -> list[str]:
@@ -240,10 +266,10 @@ def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], metho
     rank_pattern = {}
     for layer in layers:
         if layer.out_rank != top:
-            name = layer.module.split("base_model.model.", 1)[-1]
+            name = layer.module.split(PEFT_PREFIX, 1)[-1]
             rank_pattern[name] = layer.out_rank
     config["rank_pattern"] = rank_pattern
-    if method.name == "flora":
+    if method.stacks_ranks:
         ref_r = int(reference["r"])
         factor = math.sqrt(top / ref_r) if reference.get("use_rslora") else top / ref_r
         config["lora_alpha"] = float(reference.get("lora_alpha", 8)) * factor
@@ -267,6 +293,38 @@ def _check_output(tensors: Mapping[str, Tensor], residual: Mapping[str, Tensor])
             raise AggregationError(f"the fused {key} is not finite (an input overflows float32)", fix="check the client adapters' values")
     if tensors and all(not bool(t.any()) for t in [*tensors.values(), *residual.values()]):
         raise AggregationError("every tensor of the fused global is zero", fix="check the client adapters: they hold only zeros")
+
+
+def _layer_factors(clients: Sequence[ClientUpdate], layer: _Layer, method: Method, s_out: float, start_A: Tensor | None,
+                   start_label: str) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Every client's A and B of one layer in the working dtype: scaling folded into B, ranks padded (unless stacked)."""
+    a_key, b_key = lora_key(layer.module, "A"), lora_key(layer.module, "B")
+    As: list[Tensor | None] = []
+    Bs: list[Tensor | None] = []
+    for client, rank in zip(clients, layer.ranks):
+        A = client.get(a_key) if a_key in client.tensors else None
+        B = client.get(b_key) if b_key in client.tensors else None
+        if method.frozen_A and A is not None:
+            reference, ref_label = (start_A, start_label) if start_A is not None else (As[0] if As and As[0] is not None else None, clients[0].label)
+            if reference is not None:
+                _check_frozen_A(client, a_key, A, reference, ref_label)
+        if B is not None:
+            # Fold the client's PEFT scaling into B relative to the output's, so that
+            # s_out · B_eff · A reproduces the client's own s_k · B_k · A_k exactly.
+            factor = lora_scaling(client.peft_config, layer.module, rank) / s_out
+            B = B.to(linalg.work_dtype(B)) * factor if factor != 1.0 else B.to(linalg.work_dtype(B))
+        if A is not None:
+            A = A.to(linalg.work_dtype(A))
+        if method.pads and rank != layer.out_rank:
+            A_pad, B_pad = linalg.pad_rank(
+                A if A is not None else torch.zeros((rank, layer.d_in or 1)),
+                B if B is not None else torch.zeros((layer.d_out or 1, rank)),
+                layer.out_rank,
+            )
+            A, B = (A_pad if A is not None else None), (B_pad if B is not None else None)
+        As.append(A)
+        Bs.append(B)
+    return As, Bs
 
 
 def aggregate(
@@ -294,32 +352,8 @@ def aggregate(
     for index, layer in enumerate(layers):
         a_key, b_key = lora_key(layer.module, "A"), lora_key(layer.module, "B")
         s_out = lora_scaling(out_config, layer.module, layer.out_rank)
-        As: list[Tensor | None] = []
-        Bs: list[Tensor | None] = []
-        start_A = start.get(a_key) if (start is not None and method.name == "ffa") else None
-        for client, rank in zip(clients, layer.ranks):
-            A = client.get(a_key) if a_key in client.tensors else None
-            B = client.get(b_key) if b_key in client.tensors else None
-            if method.name == "ffa" and A is not None:
-                reference, ref_label = (start_A, start.label) if start_A is not None else (As[0] if As and As[0] is not None else None, clients[0].label)
-                if reference is not None:
-                    _check_frozen_A(client, a_key, A, reference, ref_label)
-            if B is not None:
-                # Fold the client's PEFT scaling into B relative to the output's, so that
-                # s_out · B_eff · A reproduces the client's own s_k · B_k · A_k exactly.
-                factor = lora_scaling(client.peft_config, layer.module, rank) / s_out
-                B = B.to(linalg.work_dtype(B)) * factor if factor != 1.0 else B.to(linalg.work_dtype(B))
-            if A is not None:
-                A = A.to(linalg.work_dtype(A))
-            if method.pads and rank != layer.out_rank:
-                A_pad, B_pad = linalg.pad_rank(
-                    A if A is not None else torch.zeros((rank, layer.d_in or 1)),
-                    B if B is not None else torch.zeros((layer.d_out or 1, rank)),
-                    layer.out_rank,
-                )
-                A, B = (A_pad if A is not None else None), (B_pad if B is not None else None)
-            As.append(A)
-            Bs.append(B)
+        start_A = start.get(a_key) if (start is not None and method.frozen_A) else None
+        As, Bs = _layer_factors(clients, layer, method, s_out, start_A, start.label if start is not None else "")
         fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond))
         tensors[a_key] = fused.A
         if fused.B is not None:
@@ -340,13 +374,6 @@ def aggregate(
         tensors[key] = linalg.weighted_average([client.get(key) for client in clients], weights)
 
     _check_output(tensors, residual)
-    notes = []
-    if method.name == "fedsa":
-        notes.append("fedsa: the global carries A and shared tensors only; each client keeps its own B")
-    if method.name == "flora":
-        notes.append("flora: stacked rank; merge into the base weights before the next round")
-    if method.name == "fedex":
-        notes.append("fedex: residual.safetensors must be added to the frozen base weights")
     return AggregationResult(
         tensors=tensors,
         peft_config=out_config,
@@ -354,6 +381,19 @@ def aggregate(
         weights=[float(w) for w in weights],
         layers=reports,
         residual=residual or None,
-        merge_into_base=method.name == "flora",
-        notes=notes,
+        merge_into_base=method.merges_into_base,
+        notes=_notes(method),
     )
+
+
+def _notes(method: Method) -> list[str]:
+    """What the publisher of this global must tell its users, from the method's properties."""
+    notes = []
+    if method.private_B:
+        notes.append(f"{method.name}: the global carries A and shared tensors only; each client keeps its own B")
+    if method.merges_into_base:
+        stacked = "stacked rank; " if method.stacks_ranks else ""
+        notes.append(f"{method.name}: {stacked}merge into the base weights before the next round")
+    if method.residual:
+        notes.append(f"{method.name}: residual.safetensors must be added to the frozen base weights")
+    return notes

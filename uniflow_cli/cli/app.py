@@ -3,34 +3,74 @@
 Every :class:`~uniflow_cli.errors.UniflowError` raised below becomes one red line on stderr and the
 error's exit code (1, or 2 for usage errors). ``UNIFLOW_DEBUG=1`` adds the traceback. Command modules
 import torch and the heavy libraries inside their function bodies, so ``uniflow --help`` stays fast.
+
+The root help lists the commands in the order a federation uses them (``WORKFLOW``) and shows the first
+example of each command's ``EXAMPLES`` list, so the root and the commands' own help never disagree.
 """
 
 from __future__ import annotations
 
 import sys
+from types import ModuleType
+from typing import Any
 
+import click
 import typer
 
 from uniflow_cli import __version__
+from uniflow_cli.cli import aggregate, data, evaluate, flower, init, inspect, local_train, models, partition, report, status
 from uniflow_cli.cli.boundary import UniflowGroup
+from uniflow_cli.cli.examples import Example, epilog
+
+# name → (module, its command function or sub-app); the order is the help's order.
+COMMANDS: dict[str, tuple[ModuleType, Any]] = {
+    "init": (init, init.init),
+    "partition": (partition, partition.partition),
+    "local-train": (local_train, local_train.local_train),
+    "aggregate": (aggregate, aggregate.aggregate),
+    "evaluate": (evaluate, evaluate.evaluate),
+    "report": (report, report.report),
+    "status": (status, status.status),
+    "inspect": (inspect, inspect.inspect),
+    "data": (data, data.app),
+    "models": (models, models.models_app),
+    "flower": (flower, flower.flower_app),
+}
+WORKFLOW = tuple(COMMANDS)
+
+# The root's example for modules that keep a hand-written EPILOG string (no EXAMPLES list yet); a module
+# that defines EXAMPLES is always preferred, so converting it needs no change here.
+FALLBACK_EXAMPLES: dict[str, Example] = {
+    "local-train": ("inside a workspace: client 3 trains from the latest global and drops its adapter", "uniflow local-train --client 3"),
+    "evaluate": ("inside a workspace: score the latest published round on every test split", "uniflow evaluate"),
+}
 
 
-EPILOG = """[bold]Examples[/bold]
+def first_example(name: str, module: ModuleType) -> Example:
+    examples = getattr(module, "EXAMPLES", None)
+    return examples[0] if examples else FALLBACK_EXAMPLES[name]
 
-  uniflow aggregate --method fedA2 --lambda 1 clients/* --out global/
 
-  uniflow aggregate --round 3 --method fedA2 --report report.json   (inside a workspace)
+ROOT_EPILOG = epilog(
+    (first_example(name, module) for name, (module, _) in COMMANDS.items()),
+    ["uniflow COMMAND --help shows more examples. Set UNIFLOW_DEBUG=1 to see tracebacks."],
+)
 
-  uniflow inspect global/
 
-Set UNIFLOW_DEBUG=1 to see tracebacks."""
+class WorkflowGroup(UniflowGroup):
+    """The root group: commands listed in workflow order (Typer lists sub-apps after plain commands)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(WORKFLOW)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
 
 app = typer.Typer(
     name="uniflow",
-    cls=UniflowGroup,
+    cls=WorkflowGroup,
     help="UniFLoW: multimodal federated LoRA fine-tuning with analytical aggregation (FedA²-LoRA), "
     "as independent commands that exchange LoRA adapter directories.",
-    epilog=EPILOG,
+    epilog=ROOT_EPILOG,
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -53,41 +93,11 @@ def _root(
 
 
 def _register() -> None:
-    # Each module defines one command function; importing them must not import torch.
-    from uniflow_cli.cli import aggregate, inspect
-
-    app.command("aggregate", epilog=aggregate.EPILOG)(aggregate.aggregate)
-    app.command("inspect", epilog=inspect.EPILOG)(inspect.inspect)
-
-    from uniflow_cli.cli import report
-
-    app.command("report", epilog=report.EPILOG)(report.report)
-
-    from uniflow_cli.cli import data, partition
-
-    app.command("partition", epilog=partition.EPILOG)(partition.partition)
-    app.add_typer(data.app, name="data")
-
-    from uniflow_cli.cli import init, models
-
-    app.command("init", epilog=init.EPILOG)(init.init)
-    app.add_typer(models.models_app, name="models")
-
-    from uniflow_cli.cli import local_train
-
-    app.command("local-train", epilog=local_train.EPILOG)(local_train.local_train)
-
-    from uniflow_cli.cli import status
-
-    app.command("status", epilog=status.EPILOG)(status.status)
-
-    from uniflow_cli.cli import evaluate
-
-    app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
-
-    from uniflow_cli.cli import flower
-
-    app.add_typer(flower.flower_app, name="flower")
+    for name, (module, target) in COMMANDS.items():
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name, epilog=module.EPILOG)(target)
 
 
 _register()

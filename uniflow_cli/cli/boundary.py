@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from uniflow_cli.errors import ConfigError, UniflowError
+from uniflow_cli.errors import ConfigError, UniflowError, UsageError, reword
 
 
 def _debug() -> bool:
@@ -42,9 +42,12 @@ def flag_for(command: click.Command | None, field: str) -> str | None:
 
 def in_cli_terms(exc: UniflowError, command: click.Command | None) -> UniflowError:
     """A ConfigError in library terms (a field) names the command's flag for that field, when it has one."""
+    if getattr(exc, "wording", None) is not None:  # errors.worded: every setting its template names
+        return reword(exc, lambda f: flag_for(command, f))
     field = getattr(exc, "field", None)
     if isinstance(exc, ConfigError) and field is not None and (flag := flag_for(command, field)) is not None:
-        return exc.renamed(flag, style="flag")
+        renamed = exc.renamed(flag, style="flag")
+        return UsageError(renamed.problem, fix=renamed.fix)  # a bad flag value is a usage error: exit 2
     return exc
 
 

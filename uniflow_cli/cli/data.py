@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from uniflow_cli.cli.boundary import UniflowGroup
+from uniflow_cli.cli.examples import Example, epilog
+from uniflow_cli.cli.options import LIMIT_FLAGS, JsonOpt
 
-EPILOG = """[bold]Examples[/bold]
-
-  uniflow data show fed/data/clients/3
-
-  uniflow data show fed/data/test/audio --n 5 --preview previews/
-
-Previews (PNG images, 16 kHz WAV audio) go to --preview DIR (must not exist), else to a new temporary directory."""
+EXAMPLES: list[Example] = [
+    ("a few rows of client 3's shard (media previews saved)", "uniflow data show fed/data/clients/3"),
+    ("five samples, their media saved to previews/", "uniflow data show fed/data/test/audio --limit 5 --preview previews/"),
+    ("the samples as JSON, no previews", "uniflow data show fed/data/test/text -n 2 --no-preview --json | jq '.samples[].answer'"),
+]
+EPILOG = epilog(EXAMPLES, ["Previews (PNG images, 16 kHz WAV audio) go to --preview DIR (must not exist), else to a new temporary directory."])
 
 app = typer.Typer(
     cls=UniflowGroup,
@@ -30,11 +31,13 @@ app = typer.Typer(
 @app.command("show", epilog=EPILOG)
 def show(
     path: Annotated[Path, typer.Argument(help="A shard directory: DATA/clients/<k> or DATA/test/<modality>.", show_default=False)],
-    n: Annotated[int, typer.Option("--n", "-n", help="How many samples to print.")] = 3,
+    # --limit/-n as in evaluate; --n is the spelling this command had first. No min=1: show_samples says it.
+    n: Annotated[int, typer.Option(*LIMIT_FLAGS, "--n", help="How many samples to print.")] = 3,
     preview: Annotated[
         Optional[Path], typer.Option("--preview", help="Directory for media previews (default: a new temporary directory).", show_default=False)
     ] = None,
     no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not save media previews.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print a few samples of a shard (id, modality, question, answer, label, media) and save previews."""
     import tempfile
@@ -47,6 +50,12 @@ def show(
     if preview is None and not no_preview:
         preview = Path(tempfile.mkdtemp(prefix="uniflow-preview-")) / "samples"
     total, samples = show_samples(path, n=n, preview_dir=None if no_preview else preview)
+    if as_json:
+        from uniflow_cli.cli.console import print_json
+
+        saved = any("preview" in sample for sample in samples)  # text-only shards save nothing
+        print_json({"path": str(path), "rows": total, "preview_dir": str(preview) if saved else None, "samples": samples})
+        return
     table = Table(title=f"{path}: {total} rows (first {len(samples)})")
     for col in ("id", "modality", "question", "answer", "label", "media"):
         table.add_column(col, overflow="fold")

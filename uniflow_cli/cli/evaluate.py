@@ -3,36 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from uniflow_cli.cli.options import ForceOpt, RoundOpt, WorkspaceOpt
+from uniflow_cli.cli.examples import Example, epilog
+from uniflow_cli.cli.options import (
+    BATCH_SIZE_FLAGS,
+    DATA_FLAGS,
+    LIMIT_FLAGS,
+    OUT_FLAGS,
+    ForceOpt,
+    RoundOpt,
+    ThreadsOpt,
+    WorkspaceOpt,
+    client_option,
+    preset_option,
+)
 
-EPILOG = """[bold]Examples[/bold]
+if TYPE_CHECKING:  # pragma: no cover  (the library imports stay lazy: --help must be fast)
+    from uniflow_cli.eval_target import EvalRequest
+    from uniflow_cli.evaluation import EvalOptions, EvalResult
 
-  [dim]# inside a workspace: the latest published round on every data/test/<modality>[/dim]
-  uniflow evaluate
-
-  [dim]# round 3, and the untrained base (the paper's "–" row)[/dim]
-  uniflow evaluate --round 3
-  uniflow evaluate --base
-
-  [dim]# explicit paths: an adapter on one or more splits, model settings from a preset[/dim]
-  uniflow evaluate --adapter rounds/5/global --data data/test/image --data data/test/audio --preset smol --out eval.json
-
-  [dim]# FedSA: client 0's personalised model of round 3 (writes eval/clients/0/round-3.json)[/dim]
-  uniflow evaluate --round 3 --client 0
-
-  [dim]# only some test splits, on purpose (otherwise every split data/partition.json lists must be there)[/dim]
-  uniflow evaluate --round 3 --modalities image,text
-
-  [dim]# quick look: 20 samples per modality, short answers[/dim]
-  uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json
-
-Writes eval/round-<T>.json (workspace) or --out FILE: Acc (teacher-forced token accuracy), EM, BLEU, ROUGE-L
-and BERTScore P/R/F1 per modality and overall (metrics.overall.modalities says which it pools), the config, and a
-few predictions. Prompts are cut to the model's max length (512 tokens, or fewer positions). See docs/evaluation.md."""
+EXAMPLES: list[Example] = [
+    ("inside a workspace: score the latest published round on every test split", "uniflow evaluate"),
+    ("round 3, and the untrained base (the paper's \"–\" row)", "uniflow evaluate --round 3"),
+    ("", "uniflow evaluate --base"),
+    ("explicit paths: an adapter on one or more splits (model settings: the ones the adapter records)",
+     "uniflow evaluate --adapter rounds/5/global --data data/test/image --data data/test/audio --out eval.json"),
+    ("... or from a preset (an adapter that records none; a workspace is read only with --workspace)",
+     "uniflow evaluate --adapter other/global --data data/test/text --preset smol --out eval.json"),
+    ("FedSA: client 0's personalised model of round 3 (writes eval/clients/0/round-3.json)", "uniflow evaluate --round 3 --client 0"),
+    ("only some test splits, on purpose (otherwise every split data/partition.json lists must be there)",
+     "uniflow evaluate --round 3 --modalities image,text"),
+    ("quick look: 20 samples per modality, short answers", "uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json"),
+]
+EPILOG = epilog(EXAMPLES, [
+    "Writes eval/round-<T>.json (workspace) or --out FILE: Acc (teacher-forced token accuracy), EM, BLEU, ROUGE-L and BERTScore "
+    "P/R/F1 per modality and overall (metrics.overall.modalities says which it pools), the config, and a few predictions. Prompts "
+    "are cut to the model's max length (512 tokens, or fewer positions). See docs/evaluation.md.",
+])
 
 
 def evaluate(
@@ -43,17 +53,18 @@ def evaluate(
     ] = None,
     data: Annotated[
         Optional[list[Path]],
-        typer.Option("--data", "-d", help="Explicit split directory (repeatable); rows are grouped by their modality.", show_default=False),
+        typer.Option(*DATA_FLAGS, help="Explicit split directory (repeatable); rows are grouped by their modality.", show_default=False),
     ] = None,
     preset: Annotated[
         Optional[str],
-        typer.Option("--preset", "-p", help="Explicit mode: model preset (smol | tiny-random) instead of a workspace's uniflow.toml.", show_default=False),
+        preset_option("Explicit mode: the base model (default: the adapter's recorded settings, else --workspace's uniflow.toml).",
+                      show_default=False),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy generation length.")] = 16,
     limit: Annotated[
-        Optional[int], typer.Option("--limit", "-n", min=1, help="First N samples per modality (default: all).", show_default=False)
+        Optional[int], typer.Option(*LIMIT_FLAGS, min=1, help="First N samples per modality (default: all).", show_default=False)
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward/generate batch.")] = 8,
+    batch_size: Annotated[int, typer.Option(*BATCH_SIZE_FLAGS, min=1, help="Samples per forward/generate batch.")] = 8,
     bertscore_model: Annotated[
         Optional[Path],
         typer.Option("--bertscore-model", help="Local HF encoder dir for BERTScore (default: embedded all-MiniLM-L6-v2).", show_default=False),
@@ -62,74 +73,71 @@ def evaluate(
         Optional[int], typer.Option("--bertscore-layers", min=1, help="BERTScore layer (default: 6 for the embedded model, else the last).", show_default=False)
     ] = None,
     client: Annotated[
-        Optional[str],
-        typer.Option("--client", "-c", help="FedSA: client K's personalised model (the global A + its private B of that round).", show_default=False),
+        Optional[str], client_option("FedSA: client K's personalised model (the global A + its private B of that round).")
     ] = None,
     modalities: Annotated[
         Optional[str],
-        typer.Option("--modalities", "-m", help="Evaluate only these modalities, comma-separated (default: every test split; "
+        typer.Option("--modalities", help="Evaluate only these modalities, comma-separated (default: every test split; "
                      "a split data/partition.json lists must then be present).", show_default=False),
     ] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1).", show_default=False)] = None,
+    threads: ThreadsOpt = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
+        Optional[Path], typer.Option(*OUT_FLAGS, help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
     ] = None,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Evaluate a global adapter: token accuracy, EM, BLEU, ROUGE-L and BERTScore per modality."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from uniflow_cli.cli.console import err, notice
-    from uniflow_cli.cli.console import out as console
     from uniflow_cli.cli.local_train import set_threads
-    from uniflow_cli.evaluation import run_evaluate
-    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
+    from uniflow_cli.eval_target import EvalRequest
+    from uniflow_cli.evaluation import EvalOptions
 
     set_threads(threads)
+    request = EvalRequest(workspace=workspace, round=round, base=base, adapter=adapter, data=tuple(data or ()), preset=preset, out=out,
+                          force=force, client=client, modalities=None if modalities is None else modalities.split(","))
+    options = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, bertscore_model=bertscore_model,
+                          bertscore_layers=bertscore_layers)
+    result = _run(request, options)
+    _print(result, client)
 
-    with Progress(
-        TextColumn("[bold]evaluate[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
+
+def _run(request: EvalRequest, options: EvalOptions) -> EvalResult:
+    """run_evaluate under a progress bar (the boundary tells its messages about the request with this command's flags)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from uniflow_cli.cli.console import err
+    from uniflow_cli.evaluation import run_evaluate
+
+    columns = (TextColumn("[bold]evaluate[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("checking inputs", total=None)
-        result = run_evaluate(
-            workspace=workspace,
-            round=round,
-            base=base,
-            adapter=adapter,
-            data=list(data or []),
-            preset=preset,
-            out=out,
-            force=force,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            bertscore_model=bertscore_model,
-            bertscore_layers=bertscore_layers,
-            client=client,
-            modalities=None if modalities is None else modalities.split(","),
+        return run_evaluate(
+            request,
+            options,
             on_batch=lambda done, total, phase: progress.update(task, description=phase, completed=done, total=total),
             on_status=lambda message: progress.update(task, description=message),
         )
-    for message in result.notices:
-        notice(message)
 
-    metrics = result.payload["metrics"]
-    what = result.payload["adapter"]["path"] or "untrained base"
+
+def _print(result: EvalResult, client: Optional[str]) -> None:
+    from rich.table import Table
+
+    from uniflow_cli.cli.console import notice
+    from uniflow_cli.cli.console import out as console
+    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
+
+    for message in result.notices:  
+        notice(message)
+    metrics = result.payload["metrics"]  
+    what = result.payload["adapter"]["path"] or "untrained base"  
     if client is not None:
         what = f"{what} + client {client}'s private B"
     for modality, values in metrics.items():
         name = f"{OVERALL} ({', '.join(values.get('modalities', []))})" if modality == OVERALL else modality
-        table = Table(title=f"{name} · round {result.round} (%)", title_justify="left")
+        table = Table(title=f"{name} · round {result.round} (%)", title_justify="left")  
         for key in METRIC_KEYS:
             table.add_column(METRIC_TITLES[key], justify="right")
         table.add_column("n", justify="right")
         table.add_row(*("n/a" if values[key] is None else f"{values[key]:.2f}" for key in METRIC_KEYS), str(values["n"]))
         console.print(table)
-    console.print(f"evaluated {what}; wrote {result.path}", soft_wrap=True)
+    console.print(f"evaluated {what}; wrote {result.path}", soft_wrap=True)  

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from uniflow_cli.cli.options import ForceOpt, SeedOpt
+from uniflow_cli.cli.examples import Example, epilog
+from uniflow_cli.cli.options import ForceOpt, JsonOpt, SeedOpt, method_option, preset_option, tau_option
 
-EPILOG = """[bold]Examples[/bold]
-
-  [dim]# the embedded offline default (SmolLM2-135M + DINOv2-small + Whisper tiny.en encoder)[/dim]
-  uniflow init fed/
-
-  [dim]# tiny random model for quick experiments and tests; image only, rank 4 rsLoRA[/dim]
-  uniflow init fed/ --preset tiny-random --modalities image --r 4 --lora-alpha 8 --rslora
-
-  [dim]# your own local Hugging Face dirs[/dim]
-  uniflow init fed/ --preset custom --llm ./qwen --image-encoder ./siglip --audio-encoder ./whisper-base
-
-Writes fed/uniflow.toml ([model], [lora], [train], [aggregate]) and fed/rounds/0/global."""
+EXAMPLES: list[Example] = [
+    ("the embedded offline default (SmolLM2-135M + DINOv2-small + Whisper tiny.en encoder)", "uniflow init fed/"),
+    ("tiny random model for quick experiments and tests; image only, rank 4 rsLoRA",
+     "uniflow init fed/ --preset tiny-random --modalities image --r 4 --lora-alpha 8 --rslora"),
+    ("your own local Hugging Face dirs", "uniflow init fed/ --preset custom --llm ./qwen --image-encoder ./siglip --audio-encoder ./whisper-base"),
+    ("the paths written, as JSON", "uniflow init fed/ --preset tiny-random --json | jq -r .global"),
+]
+EPILOG = epilog(EXAMPLES, ["Writes fed/uniflow.toml ([model], [lora], [train], [aggregate]) and fed/rounds/0/global."])
 
 
 def init(
     directory: Annotated[Path, typer.Argument(help="Workspace directory (created if missing).")] = Path("."),
-    preset: Annotated[str, typer.Option("--preset", "-p", help="smol (embedded real model) | tiny-random | custom.")] = "smol",
+    preset: Annotated[str, preset_option("smol is the embedded real model; custom takes --llm and the encoder dirs.")] = "smol",
     llm: Annotated[Optional[Path], typer.Option("--llm", help="custom: local HF causal-LM dir.", show_default=False)] = None,
     image_encoder: Annotated[Optional[Path], typer.Option("--image-encoder", help="custom: local HF vision model dir.", show_default=False)] = None,
     audio_encoder: Annotated[Optional[Path], typer.Option("--audio-encoder", help="custom: local HF Whisper/wav2vec2/HuBERT dir.", show_default=False)] = None,
@@ -36,17 +33,18 @@ def init(
     pool: Annotated[str, typer.Option("--pool", help="Eq. 3 pooling: cls | mean | adaptive.")] = "adaptive",
     pool_tokens: Annotated[int, typer.Option("--pool-tokens", help="Tokens per modality with --pool adaptive.")] = 4,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels (DINOv2 patch 14).")] = 112,
-    method: Annotated[str, typer.Option("--method", "-m", help="Aggregation method of the experiment ([aggregate] method): fedit | ffa | fedsa | fedex | fedA2 | svd | flora.")] = "fedA2",
-    lambda_: Annotated[float, typer.Option("--lambda", help="Tikhonov λ of Eq. 13 ([aggregate] lambda_).")] = 1.0,
-    tau: Annotated[float, typer.Option("--stage-tau", "--tau", help="Eq. 7's τ for local training ([train] tau).")] = 0.25,
-    steps: Annotated[int, typer.Option("--steps", help="Local steps per round ([train] steps).")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate ([train] lr).")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size ([train] batch_size).")] = 4,
+    method: Annotated[str, method_option("Aggregation method of the experiment (\\[aggregate] method):")] = "fedA2",
+    lambda_: Annotated[float, typer.Option("--lambda", help="Tikhonov λ of Eq. 13 (\\[aggregate] lambda_).")] = 1.0,
+    tau: Annotated[float, tau_option("Eq. 7's τ for local training (\\[train] tau).")] = 0.25,
+    steps: Annotated[int, typer.Option("--steps", help="Local steps per round (\\[train] steps).")] = 20,
+    lr: Annotated[float, typer.Option("--lr", help="Local learning rate (\\[train] lr).")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size (\\[train] batch_size).")] = 4,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a workspace: uniflow.toml and the round-0 global adapter (PEFT's seeded LoRA init)."""
-    from uniflow_cli.cli.console import err, out
+    from uniflow_cli.cli.console import err, print_json
     from uniflow_cli.models.settings import ModelSettings
     from uniflow_cli.models.workspace_init import init_workspace
     from uniflow_cli.workspace import AggregateSettings, LoraSettings, TrainSettings
@@ -66,6 +64,22 @@ def init(
     aggregate = AggregateSettings(method=method, lambda_=lambda_)
     with err.status("building the model") as status:
         result = init_workspace(directory, model, lora, seed=seed, force=force, progress=lambda msg: status.update(msg), train=train, aggregate=aggregate)
+    if as_json:
+        print_json(_as_json(result))
+    else:
+        _print(result)
+
+
+def _as_json(result: Any) -> dict[str, Any]:
+    return {
+        "workspace": str(result.root), "config": str(result.config_path), "global": str(result.global_dir),
+        "tensors": result.tensors, "base_fingerprint": result.fingerprint, "parameters": dict(result.counts),
+    }
+
+
+def _print(result: Any) -> None:
+    from uniflow_cli.cli.console import out
+
     c = result.counts
     out.print(f"[green]workspace[/green] {result.root}")
     out.print(f"  config         {result.config_path}")

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-EPILOG = """[bold]Examples[/bold]
+from uniflow_cli.cli.examples import epilog
+from uniflow_cli.cli.options import JsonOpt
 
-  uniflow inspect fed/rounds/3/global
-
-  uniflow inspect fed/rounds/3/clients/0 --json | jq .meta"""
+EXAMPLES = [
+    ("what an adapter directory holds", "uniflow inspect fed/rounds/3/global"),
+    ("machine-readable, for scripts", "uniflow inspect fed/rounds/3/clients/0 --json | jq .meta"),
+]
+EPILOG = epilog(EXAMPLES)
 
 
 def inspect(
     adapter: Annotated[Path, typer.Argument(help="An adapter directory (uniflow or plain PEFT).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show an adapter's metadata, per-layer ranks, shapes, dtype, norms and size."""
     from rich.table import Table
 
-    from uniflow_cli.adapters import describe_adapter
-    from uniflow_cli.cli.console import out
+    from uniflow_cli.cli.console import out, print_json
     from uniflow_cli.cli.render import _fmt, human_bytes
 
     info = describe_adapter(adapter)
     if as_json:
-        out.print_json(json.dumps(info, default=str))
+        print_json(info)
         return
     meta = info["meta"]
     head = Table(show_header=False, title=f"adapter {info['path']}", title_justify="left")
@@ -61,3 +63,46 @@ def inspect(
         for row in info["other_tensors"]:
             others.add_row(row["key"], "×".join(map(str, row["shape"])), row["dtype"])
         out.print(others)
+
+
+def describe_adapter(path: Path) -> dict[str, Any]:
+    """Everything ``uniflow inspect`` shows: metadata, and per LoRA module its rank, shapes, dtype and norms.
+
+    Read through the format's public reader (:func:`uniflow_cli.adapters.open_adapter`, which verifies the
+    directory first). ``delta_norm`` is ‖s·B·A‖_F, computed from r×r Gram matrices (no d_out × d_in product).
+    """
+    import torch
+
+    from uniflow_cli.adapters import open_adapter
+    from uniflow_cli.peft_keys import lora_scaling
+
+    reader = open_adapter(path)
+    layers = []
+    for module, (a_key, b_key) in sorted(reader.modules.items()):
+        entry: dict[str, Any] = {"module": module}
+        A = reader[a_key].to(torch.float64) if a_key else None
+        B = reader[b_key].to(torch.float64) if b_key else None
+        rank = A.shape[0] if A is not None else B.shape[1]  # type: ignore[union-attr]
+        entry["rank"] = rank
+        entry["dtype"] = reader.dtype(a_key or b_key)  # type: ignore[arg-type]
+        entry["A_shape"] = list(A.shape) if A is not None else None
+        entry["B_shape"] = list(B.shape) if B is not None else None
+        entry["A_norm"] = float(A.norm()) if A is not None else None
+        entry["B_norm"] = float(B.norm()) if B is not None else None
+        if A is not None and B is not None:
+            scale = lora_scaling(reader.peft_config, module, rank)
+            entry["delta_norm"] = scale * math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
+        else:
+            entry["delta_norm"] = None
+        layers.append(entry)
+    others = [{"key": k, "shape": list(reader.shape(k)), "dtype": reader.dtype(k)} for k in reader.other_keys]
+    residual_bytes = reader.residual_path.stat().st_size if reader.residual_path.exists() else 0
+    return {
+        "path": str(reader.path),
+        "meta": reader.meta.to_json() if reader.meta is not None else None,
+        "peft": {k: reader.peft_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save")},
+        "layers": layers,
+        "other_tensors": others,
+        "tensor_bytes": reader.nbytes(),
+        "residual_bytes": residual_bytes,
+    }

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uniflow_cli.cli.options import ForceOpt, WorkspaceOpt
+from uniflow_cli.cli.options import DtypeOpt, ForceOpt, RoundOpt, SeedOpt, WorkspaceOpt
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -38,28 +38,28 @@ def set_threads(threads: int | None) -> None:
 def local_train(
     client: Annotated[Optional[str], typer.Option("--client", "-c", help="Client id (its shard is data/clients/<id>).", show_default=False)] = None,
     stage_tau: Annotated[Optional[float], typer.Option("--stage-tau", "--tau", help="τ of Eq. 7: share of local steps (or rounds) in stage I (encoders).", show_default=False)] = None,
-    stages: Annotated[str, typer.Option("--stages", help="two-stage | joint | reverse | llm-only | encoder-only.")] = "two-stage",
-    stage_by: Annotated[str, typer.Option("--stage-by", help="step: split each round's steps; round: stage I for rounds < τ·R.")] = "step",
+    stages: Annotated[Optional[str], typer.Option("--stages", help="two-stage | joint | reverse | llm-only | encoder-only (default: the train table, else two-stage).", show_default=False)] = None,
+    stage_by: Annotated[Optional[str], typer.Option("--stage-by", help="step: split each round's steps; round: stage I for rounds < τ·R (default: the train table, else step).", show_default=False)] = None,
     total_rounds: Annotated[Optional[int], typer.Option("--total-rounds", help="R, for --stage-by round.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: workspace [train] steps).", show_default=False)] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Instead of --steps: passes over the shard.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", show_default=False)] = None,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step (default: the train table, else 1).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", show_default=False)] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (default: the train table, else 0).", show_default=False)] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token budget of one training sequence (prompt + answer), applied while tokenising; "
                           "default 512, or the LLM's max_position_embeddings if fewer. Too long: the answer's tail is cut (the question too, "
                           "if it would leave the answer under a quarter); the summary counts the cut examples.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: same inputs and seed give the same bytes.", show_default=False)] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the uploaded tensors: float32, bfloat16 (half the bytes) or float16.")] = "float32",
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1).", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Override the method recorded in the global (fedit, ffa, fedsa, fedex, fedA2, svd, flora).", show_default=False)] = None,
-    round_: Annotated[Optional[int], typer.Option("--round", "-t", help="The round to train for (reads round T-1's global). Default: the next one.", show_default=False)] = None,
+    round_: RoundOpt = None,
     global_dir: Annotated[Optional[Path], typer.Option("--global", help="Explicit mode: the global adapter to start from.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Explicit mode: the client's shard.", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data", help="Explicit mode: the client's shard.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Explicit mode: where to publish the client adapter.", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="Explicit mode without a workspace: the model preset.", show_default=False)] = None,
-    state: Annotated[Optional[Path], typer.Option("--state", help="Client-private state dir (FedSA's B). Default in a workspace: state/clients/<id>.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="The model preset (explicit mode: default is the one the global records).", show_default=False)] = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state", help="Client-private state dir (FedSA's B; needed for fedsa in explicit mode). Default in a workspace: state/clients/<id>.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the global of the round after this client's last drop (shared storage).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 600.0,
     workspace: WorkspaceOpt = None,
@@ -70,30 +70,19 @@ def local_train(
 
     from uniflow_cli.cli.console import err, out as stdout
     from uniflow_cli.cli.render import human_bytes
-    from uniflow_cli.training import LocalTrainConfig, run_local_train, train_defaults
+    from uniflow_cli.local_train import run_local_train
 
     set_threads(threads)
-    defaults = train_defaults(workspace)
-    cfg = LocalTrainConfig(
-        tau=stage_tau if stage_tau is not None else defaults.tau,
-        steps=steps if steps is not None else (None if epochs is not None else defaults.steps),
-        epochs=epochs,
-        batch_size=batch_size if batch_size is not None else defaults.batch_size,
-        grad_accum=grad_accum,
-        lr=lr if lr is not None else defaults.lr,
-        weight_decay=weight_decay,
-        max_length=max_length,
-        seed=seed if seed is not None else defaults.seed,
-        stages=stages,
-        stage_by=stage_by,
-        dtype=dtype,
-    )
+    # Flags not given stay None: the library puts them over the workspace's [train] table (explicit mode
+    # without --workspace: over the built-in defaults), so every [train] value a flag leaves alone counts.
+    overrides = {"tau": stage_tau, "steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                 "weight_decay": weight_decay, "max_length": max_length, "seed": seed, "stages": stages, "stage_by": stage_by, "dtype": dtype}
     with Progress(TextColumn("[bold]local-train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as progress:
         task = progress.add_task(f"client {client or ''}", total=None, loss="-")
         outcome = run_local_train(
-            cfg, client=client, workspace=workspace, global_dir=global_dir, data_dir=data, out=out, method=method,
-            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state, force=force,
+            overrides=overrides, client=client, workspace=workspace, global_dir=global_dir, data_dir=data_dir, out=out, method=method,
+            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state_dir, force=force,
             wait=wait, timeout=timeout, on_wait=lambda message: progress.update(task, description=message),
             on_step=lambda done, total, loss, stage: progress.update(task, completed=done, total=total, loss=f"{loss:.4f} ({stage})"),
         )

@@ -7,28 +7,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from uniflow_cli.cli.options import ForceOpt, OutDirOpt, SeedOpt, WorkspaceOpt
+from uniflow_cli.cli.examples import Example, epilog
+from uniflow_cli.cli.options import DatasetOpt, ForceOpt, JsonOpt, OutDirOpt, SeedOpt, WorkspaceOpt
 
-EPILOG = """[bold]Examples[/bold]
-
-  uniflow partition --dataset easy-vqa --dataset spoken-qa --clients image:5,audio:5 --scheme dirichlet --alpha 0.5 --train-per-client 2000 --test-per-modality 200 --seed 0 --workspace fed
-
-  uniflow partition -d easy-vqa -d spoken-qa -d text-qa --clients image:2,audio:2,mixed:3 --out data/ --plot
-
-  uniflow partition -d my_qa.jsonl --question-column prompt --answer-column reply --clients mixed:4 --scheme quantity --alpha 1 --out data/
-
-Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text). A path may be a .jsonl/.json/.csv/.parquet file (media paths relative to it), a save_to_disk directory, or an image/audio folder with metadata.jsonl (file_name, question, answer). Media paths must stay inside the dataset's directory (symlinks followed) unless --allow-media-outside DIR names another trusted directory.
-
-Writes DATA/clients/<k>/, DATA/test/<modality>/ and DATA/partition.json (DATA = WORKSPACE/data or --out)."""
+EXAMPLES: list[Example] = [
+    ("the paper's setting: 5 image + 5 audio clients, Dirichlet label skew, into the workspace fed/",
+     "uniflow partition --dataset easy-vqa --dataset spoken-qa --clients image:5,audio:5 --scheme dirichlet --alpha 0.5 "
+     "--train-per-client 2000 --test-per-modality 200 --seed 0 --workspace fed"),
+    ("every built-in dataset, mixed clients too, and a heat map of label shares",
+     "uniflow partition -d easy-vqa -d spoken-qa -d text-qa --clients image:2,audio:2,mixed:3 --out data/ --plot"),
+    ("your own file, its columns named, with quantity skew",
+     "uniflow partition -d my_qa.jsonl --question-column prompt --answer-column reply --clients mixed:4 --scheme quantity --alpha 1 --out data/"),
+    ("the per-client summary as JSON", "uniflow partition -d text-qa --clients text:3 --out data/ --json | jq '.partition.clients[].count'"),
+]
+EPILOG = epilog(EXAMPLES, [
+    "Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text). A path may be a .jsonl/.json/.csv/.parquet "
+    "file (media paths relative to it), a save_to_disk directory, or an image/audio folder with metadata.jsonl (file_name, question, answer). "
+    "Media paths must stay inside the dataset's directory (symlinks followed) unless --allow-media-outside DIR names another trusted directory.",
+    "Writes DATA/clients/<k>/, DATA/test/<modality>/ and DATA/partition.json (DATA = WORKSPACE/data or --out).",
+])
 
 
 def partition(
-    dataset: Annotated[
-        list[str],
-        typer.Option("--dataset", "-d", help="Built-in name (easy-vqa, spoken-qa, text-qa) or dataset path; repeat to combine.", show_default=False),
-    ],
+    dataset: DatasetOpt,
+    # No -c: that is --client (one client id) in local-train and evaluate.
     clients: Annotated[
-        str, typer.Option("--clients", "-c", help="Clients per kind, KIND:COUNT with KIND image|audio|text|mixed, e.g. image:5,audio:5.", show_default=False)
+        str, typer.Option("--clients", help="Clients per kind, KIND:COUNT with KIND image|audio|text|mixed, e.g. image:5,audio:5.", show_default=False)
     ],
     scheme: Annotated[str, typer.Option("--scheme", help="iid | dirichlet (label skew) | quantity (size skew).")] = "iid",
     alpha: Annotated[float, typer.Option("--alpha", help="Dirichlet concentration for dirichlet/quantity; smaller = more skew.")] = 0.5,
@@ -57,6 +61,7 @@ def partition(
     workspace: WorkspaceOpt = None,
     out: OutDirOpt = None,
     force: ForceOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Partition datasets into client shards (IID, Dirichlet label skew, quantity skew) and test sets."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -97,7 +102,18 @@ def partition(
             return lambda n: bar.advance(task, n)
 
         info = run_partition(request, Path(out), force=force, plot=plot, progress_factory=progress_factory)
-    _print(info, Path(out), plot)
+    if as_json:
+        from uniflow_cli.cli.console import print_json
+
+        print_json(_as_json(info, Path(out), plot))
+    else:
+        _print(info, Path(out), plot)
+
+
+def _as_json(info: dict, out: Path, plot: bool) -> dict:
+    """What was written and the partition summary itself (the content of partition.json)."""
+    written = {"partition_json": str(out / "partition.json"), "plot": str(out / "partition.png") if plot else None}
+    return {"out": str(out), **written, "partition": info}
 
 
 def _print(info: dict, out: Path, plot: bool) -> None:

@@ -53,12 +53,14 @@ def print_aggregate_outcome(outcome: Any) -> None:
     for row in outcome.clients:
         clients.add_row(str(row["client_id"] or "-"), str(row["num_examples"] or "-"), f"{row['weight']:.4f}", row["path"])
     out.print(clients)
-    branches = ", ".join(f"{k}: {v}" for k, v in sorted(summary["branches"].items()))
+    # Only a method that solves Eq. 13 per layer (fedA2) reports branches; the others mark every layer "-".
+    solved = {k: v for k, v in summary["branches"].items() if k != "-"}
+    branches = ", ".join(f"{k}: {v}" for k, v in sorted(solved.items()))
     out.print(
         f"[green]published[/green] {outcome.out}  ({human_bytes(outcome.tensor_bytes)}"
         + (f" + residual {human_bytes(outcome.residual_bytes)}" if outcome.residual_bytes else "")
         + f")  mean rel. error {_fmt(summary['rel_error_mean'])}, max {_fmt(summary['rel_error_max'])}"
-        + (f"  branches: {branches}" if result.method == "fedA2" else ""),
+        + (f"  branches: {branches}" if branches else ""),
         soft_wrap=True,
     )
     for note in result.notes:

@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from uniflow_cli.cli.examples import Example, epilog
+from uniflow_cli.cli.options import JsonOpt, WorkspaceOpt
 
-import typer
-
-from uniflow_cli.cli.options import WorkspaceOpt
-
-EPILOG = """[bold]Examples[/bold]
-
-  uniflow status                 (inside a workspace)
-
-  uniflow status -w /mnt/shared/fed --json"""
+EXAMPLES: list[Example] = [
+    ("inside a workspace: rounds, drops, published globals, metrics", "uniflow status"),
+    ("a workspace on shared storage, as JSON", "uniflow status -w /mnt/shared/fed --json"),
+]
+EPILOG = epilog(EXAMPLES)
 
 
 def status(
     workspace: WorkspaceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show rounds, which clients dropped (and which drops are invalid), what was published, and metrics."""
     from rich.table import Table
 
-    from uniflow_cli.cli.console import out
+    from uniflow_cli.cli.console import out, print_json
     from uniflow_cli.federation import workspace_status
     from uniflow_cli.workspace import find_workspace
 
     info = workspace_status(find_workspace(workspace))  # type: ignore[arg-type]
     if as_json:
-        out.print_json(json.dumps(info, default=str))
+        print_json(info)
         return
     table = Table(title=f"workspace {info['workspace']}  (expected clients: {', '.join(info['expected_clients']) or 'unknown'})", title_justify="left")
     for col in ("round", "global", "method", "dropped", "invalid", "missing", "metrics"):

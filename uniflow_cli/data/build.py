@@ -43,19 +43,19 @@ class PartitionRequest:
 
     def __post_init__(self) -> None:
         if not self.datasets:
-            raise UsageError("no dataset given", fix="pass --dataset easy-vqa (or spoken-qa, text-qa, a file or directory)")
+            raise ConfigError.invalid("dataset", ConfigError.NO_VALUE, "names no dataset", fix="name easy-vqa, spoken-qa, text-qa, a file or a directory")
         if self.scheme not in SCHEMES:
-            raise UsageError(f"unknown partition scheme {self.scheme!r}", fix=f"use one of: {', '.join(SCHEMES)}")
+            raise ConfigError.invalid("scheme", self.scheme, f"is not one of {', '.join(SCHEMES)}", example="iid")
         if self.scheme != "iid" and not (isinstance(self.alpha, (int, float)) and np.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"alpha={self.alpha!r} must be a finite number > 0", fix="use --alpha 0.5 (smaller = more skew)")
+            raise ConfigError.invalid("alpha", self.alpha, "must be a finite number > 0 (smaller = more skew)", example=0.5)
         if self.train_per_client is not None and self.train_per_client < 1:
-            raise UsageError(f"--train-per-client {self.train_per_client} must be >= 1", fix="e.g. --train-per-client 2000")
+            raise ConfigError.invalid("train_per_client", self.train_per_client, "must be >= 1", example=2000)
         if self.test_per_modality < 1:
-            raise UsageError(f"--test-per-modality {self.test_per_modality} must be >= 1", fix="e.g. --test-per-modality 200")
+            raise ConfigError.invalid("test_per_modality", self.test_per_modality, "must be >= 1", example=200)
         self.allow_media_outside = [Path(p) for p in self.allow_media_outside]
         for root in self.allow_media_outside:
             if not root.is_dir():
-                raise UsageError(f"--allow-media-outside {root} is not a directory", fix="name an existing directory that holds media files")
+                raise ConfigError.invalid("allow_media_outside", str(root), "is not a directory", fix="name an existing directory that holds media files")
 
 
 def resolve_source(
@@ -83,7 +83,7 @@ def resolve_sources(request: PartitionRequest) -> list[Source]:
     out = []
     for name in request.datasets:
         if name in seen:
-            raise UsageError(f"--dataset {name} given twice", fix="name each dataset once")
+            raise ConfigError.invalid("dataset", name, "is given twice", fix="name each dataset once")
         seen.add(name)
         out.append(resolve_source(name, columns=request.columns, seed=request.seed, allow_media_outside=request.allow_media_outside))
     return out

@@ -33,7 +33,7 @@ def _check(n: int, num_clients: int, scheme: str, alpha: float) -> None:
     if scheme not in SCHEMES:
         raise UsageError(f"unknown partition scheme {scheme!r}", fix=f"use one of: {', '.join(SCHEMES)}")
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise UsageError(f"number of clients {num_clients!r} must be >= 1", fix="e.g. --clients image:5")
+        raise ConfigError.invalid("num_clients", num_clients, "must be >= 1", example=5)
     if n == 0:
         raise DataError("the dataset is empty (0 samples to partition)", fix="check the dataset path and its split")
     if num_clients > n:
@@ -41,7 +41,7 @@ def _check(n: int, num_clients: int, scheme: str, alpha: float) -> None:
             f"more clients ({num_clients}) than samples ({n})", fix=f"use at most {n} clients or a larger dataset"
         )
     if scheme in ("dirichlet", "quantity") and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ConfigError(f"alpha={alpha!r} must be a finite number > 0", fix="use --alpha 0.5 (smaller = more skew)")
+        raise ConfigError.invalid("alpha", alpha, "must be a finite number > 0 (smaller = more skew)", example=0.5)
 
 
 def _quantity_sizes(total: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[int]:

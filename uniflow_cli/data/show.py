@@ -8,14 +8,14 @@ from typing import Any
 from uniflow_cli.data.build import load_split
 from uniflow_cli.data.media import encode_wav, load_audio, load_image
 from uniflow_cli.data.schema import SAMPLING_RATE
-from uniflow_cli.errors import UsageError
+from uniflow_cli.errors import ConfigError
 
 
 def show_samples(path: str | Path, *, n: int = 3, preview_dir: Path | None = None) -> tuple[int, list[dict[str, Any]]]:
     """(number of rows, the first ``n`` samples summarised). With ``preview_dir`` (created atomically,
     must not exist) each sample's image is saved as PNG and its audio as 16 kHz WAV there."""
     if n < 1:
-        raise UsageError(f"--n {n} must be >= 1", fix="e.g. --n 3")
+        raise ConfigError.invalid("n", n, "must be >= 1", example=3)
     ds = load_split(path)
     # One row of every modality first (a mixed shard shows each kind), then the following rows.
     mods = ds["modality"]

@@ -25,21 +25,19 @@ def client_id_of(node_config: Mapping[str, Any]) -> str:
     raise ConfigError("this node has no partition-id", fix="start the SuperNode with --node-config \"partition-id=0 num-partitions=3\"")
 
 
-def train_config_for(settings: FlowerRunSettings, workspace: Any) -> Any:
-    """The LocalTrainConfig that ``uniflow local-train`` would build from the same values."""
-    from uniflow_cli.training import LocalTrainConfig, train_defaults
+# The training values a run config may set (FlowerRunSettings fields named as in TrainSettings).
 
-    defaults = train_defaults(workspace.root)
-    return LocalTrainConfig(
-        tau=settings.tau if settings.tau is not None else defaults.tau,
-        steps=settings.steps if settings.steps is not None else defaults.steps,
-        batch_size=settings.batch_size if settings.batch_size is not None else defaults.batch_size,
-        lr=settings.lr if settings.lr is not None else defaults.lr,
-        seed=settings.seed if settings.seed is not None else defaults.seed,
-        stages=settings.stages,
-        stage_by=settings.stage_by,
-        dtype="float32",  # what travels in an ArrayRecord
-    )
+
+def train_config_for(settings: FlowerRunSettings, workspace: Any) -> Any:
+    """The TrainSettings ``uniflow local-train`` would resolve from the same values: run-config values over
+    the workspace's ``[train]`` (the same resolver as the CLI), in float32 (what travels in an ArrayRecord).
+
+    Unset run-config values (None, or "" for the string ones) leave the table's value. A bad run-config
+    value is named by its run-config key, a bad table value by its key in uniflow.toml."""
+    from uniflow_cli.flower.settings import in_run_config_terms
+    from uniflow_cli.settings import resolve_train
+
+    return in_run_config_terms(lambda: resolve_train(workspace, settings.train_overrides()))
 
 
 def node_history(ws: Any, client: str, received: ReceivedGlobal) -> list[tuple[int, Any]]:
@@ -80,9 +78,9 @@ def node_history(ws: Any, client: str, received: ReceivedGlobal) -> list[tuple[i
 
 def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """Train this node's shard from the global in ``content``; return the reply's RecordDict."""
-    from uniflow_cli.adapters import AdapterMeta, read_adapter, write_adapter
+    from uniflow_cli.client_round import read_private_B, train_client_round, write_private_B
     from uniflow_cli.data.build import load_split
-    from uniflow_cli.training import _lora_settings, _model_settings, train_client_round
+    from uniflow_cli.settings import LoraSettings, resolve, resolve_model
     from uniflow_cli.workspace import find_workspace
 
     settings = FlowerRunSettings.from_run_config(run_config)
@@ -95,22 +93,18 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
     received = decode_global(config, content.array_records["arrays"], content.array_records.get(HISTORY_KEY))
     start, t, method = received.start, received.round, received.method
     history = node_history(ws, client, received)
-    model_settings = _model_settings(ws, None)
+    model_settings = resolve_model(ws)
     if settings.preset and model_settings.preset != settings.preset:
         raise ConfigError(f"run-config preset={settings.preset!r} but {ws.config_path} uses {model_settings.preset!r}", fix="make them agree (or set preset = '')")
     cfg = train_config_for(settings, ws)
     dataset = load_split(ws.client_data(client))
     state = ws.client_state(client)
-    private_B = read_adapter(state).tensors if method == "fedsa" and (state / "adapter_model.safetensors").exists() else None
     result = train_client_round(
-        cfg, start, dataset, model_settings, _lora_settings(ws), method=method, client_id=client, round_=t + 1,
-        history=history, private_B=private_B, private_where=str(state), total_rounds=settings.num_server_rounds,
+        cfg, start, dataset, model_settings, resolve(LoraSettings, ws), method=method, client_id=client, round_=t + 1,
+        history=history, private_B=read_private_B(state, method), private_where=str(state), total_rounds=settings.num_server_rounds,
         started_from=f"flower global of round {t}",
     )
-    if result.private is not None:
-        # FedSA: the client's own B stays on this node for its next round (replaced atomically).
-        private_meta = AdapterMeta(role="client", client_id=client, round=t + 1, method=method, base_fingerprint=result.meta.base_fingerprint)
-        write_adapter(state, peft_config=result.peft_config, tensors=result.private, meta=private_meta, force=True)
+    write_private_B(state, result)  # FedSA: the client's own B stays on this node for its next round
     stats = result.stats
     metrics = MetricRecord(
         {

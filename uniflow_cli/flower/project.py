@@ -8,10 +8,11 @@ No flwr or torch import here (the command module must stay light).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from uniflow_cli.errors import UsageError
+from uniflow_cli.errors import ConfigError
 
 TEMPLATE = """\
 # A ready Flower app: uniflow's two-stage multimodal clients and FedA²-LoRA aggregation under Flower.
@@ -93,16 +94,16 @@ class ProjectSettings:
     supernodes: int = 3
 
     def __post_init__(self) -> None:
-        from uniflow_cli.aggregation.methods import METHODS
+        from uniflow_cli.aggregation.registry import method_spec  # torch-free
 
-        if self.method not in METHODS:
-            raise UsageError(f"--method {self.method!r} is not one of {', '.join(METHODS)}", fix="use --method fedA2")
-        if self.rounds < 1 or self.steps < 1 or self.supernodes < 1:
-            raise UsageError(f"--rounds {self.rounds}, --steps {self.steps}, --supernodes {self.supernodes} must be >= 1", fix="use positive counts")
+        method_spec(self.method)
+        for name, example in (("rounds", 2), ("steps", 4), ("supernodes", 3)):
+            if getattr(self, name) < 1:
+                raise ConfigError.invalid(name, getattr(self, name), "must be >= 1", example=example)
         if not 0.0 <= self.tau <= 1.0:
-            raise UsageError(f"--tau {self.tau!r} must be in [0, 1]", fix="use --tau 0.25")
-        if not self.lambda_ >= 0:
-            raise UsageError(f"--lambda {self.lambda_!r} must be >= 0", fix="use --lambda 1.0")
+            raise ConfigError.invalid("tau", self.tau, "must be in [0, 1]", example=0.25)
+        if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
+            raise ConfigError.invalid("lambda_", self.lambda_, "must be a finite number >= 0", example=1.0)
 
 
 def render(settings: ProjectSettings) -> dict[str, str]:

@@ -11,29 +11,30 @@ from flwr.supercore import log
 
 from uniflow_cli.errors import ConfigError, UsageError
 from uniflow_cli.flower.records import tensors_to_record
-from uniflow_cli.flower.settings import DP_METHODS, FlowerRunSettings
+from uniflow_cli.flower.settings import DP_METHODS, FlowerRunSettings, in_run_config_terms
 from uniflow_cli.flower.strategy import UniflowFedAvg, UniflowServerSideDP, header_only
 
 
 def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, UniflowFedAvg]:
     """(the strategy to run — maybe DP-wrapped —, the uniflow strategy inside it)."""
     from uniflow_cli.adapters import read_adapter
-    from uniflow_cli.aggregation import AggregationOptions
-    from uniflow_cli.server import settings_for
-    from uniflow_cli.training import _model_settings
+    from uniflow_cli.aggregation.registry import method_spec
+    from uniflow_cli.server import core_options
+    from uniflow_cli.settings import AggregateSettings, resolve, resolve_model
 
-    model = _model_settings(workspace, None)
+    model = resolve_model(workspace)
     if settings.preset and model.preset != settings.preset:
         raise ConfigError(f"run-config preset={settings.preset!r} but {workspace.config_path} uses {model.preset!r}", fix="make them agree (or set preset = '')")
-    chosen = settings_for(workspace.root, settings.method or None, settings.lambda_, settings.ridge, settings.weighting)
-    options = AggregationOptions(method=chosen.method, lambda_=chosen.lambda_, ridge=chosen.ridge)
-    if settings.dp and options.method not in DP_METHODS:
+    chosen = in_run_config_terms(lambda: resolve(AggregateSettings, workspace, settings.aggregate_overrides()))
+    options = core_options(chosen)
+    spec = method_spec(options.method)
+    if settings.dp and not spec.line_up:
         raise ConfigError(f"dp=true with method {options.method!r}: its replies do not line up with the global array by array", fix=f"use dp with {', '.join(DP_METHODS)}")
     t0 = workspace.latest_global_round()
     start = read_adapter(workspace.global_dir(t0))
     if start.meta is not None and start.meta.role != "global":
         raise UsageError(f"{workspace.global_dir(t0)} is a {start.meta.role} adapter", fix="re-publish the global")
-    history = [(r, header_only(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if options.method in ("fedex", "flora") else []
+    history = [(r, header_only(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if spec.folds_history else []
     inner = UniflowFedAvg(
         workspace=workspace, options=options, start=start, round_offset=t0, history=history, weighting=chosen.weighting,
         fraction_train=settings.fraction_train, min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
@@ -53,9 +54,9 @@ def evaluation_hook(settings: FlowerRunSettings, workspace: Any, inner: UniflowF
         t = inner.round_offset + server_round
         if server_round not in wanted or t not in inner.published:
             return None
-        from uniflow_cli.evaluation import run_evaluate
+        from uniflow_cli.evaluation import EvalOptions, EvalRequest, run_evaluate
 
-        result = run_evaluate(workspace=workspace.root, round=t, limit=settings.eval_limit or None)
+        result = run_evaluate(EvalRequest(workspace=workspace, round=t), EvalOptions(limit=settings.eval_limit or None))
         flat: dict[str, float] = {}
         for modality, values in result.payload["metrics"].items():
             for name, value in values.items():

@@ -8,12 +8,16 @@ config and the equivalent command lines train and fuse the same bytes. No flwr i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from uniflow_cli.aggregation.registry import SPECS
 from uniflow_cli.errors import ConfigError
+from uniflow_cli.settings import STAGE_BY, STAGE_PLANS
+
+T = TypeVar("T")
 
 # run-config key → dataclass field
 RUN_CONFIG_KEYS = {
@@ -41,10 +45,23 @@ RUN_CONFIG_KEYS = {
     "eval-rounds": "eval_rounds",
     "eval-limit": "eval_limit",
 }
-# Methods whose reply arrays have exactly the global's keys and shapes in every round: the precondition
-# of Flower's server-side fixed clipping (it subtracts the global from every reply array by position).
-# Not ffa (uploads B only), fedsa (the round-0 global still has B), fedex (residual), flora (rank grows).
-DP_METHODS = ("fedit", "fedA2", "svd")
+FIELD_KEYS = {field: key for key, field in RUN_CONFIG_KEYS.items()}
+# Methods whose reply arrays have exactly the global's keys and shapes in every round (MethodSpec.line_up):
+# the precondition of Flower's server-side fixed clipping (it subtracts the global from every reply array
+# by position). Not ffa (uploads B only), fedsa (the round-0 global still has B), fedex (residual), flora
+# (rank grows).
+DP_METHODS = tuple(name for name, spec in SPECS.items() if spec.line_up)
+
+
+def in_run_config_terms(build: Callable[[], T]) -> T:
+    """``build()``, with a library ConfigError about a setting told as its run-config key (``stage-tau``…)."""
+    try:
+        return build()
+    except ConfigError as exc:
+        if exc.field is None:
+            raise
+        key = FIELD_KEYS.get(exc.field, exc.field.rstrip("_").replace("_", "-"))
+        raise exc.renamed(f"run-config {key}", style="key") from None
 
 
 @dataclass
@@ -63,8 +80,8 @@ class FlowerRunSettings:
     batch_size: int | None = None
     lr: float | None = None
     seed: int | None = None
-    stages: str = "two-stage"
-    stage_by: str = "step"
+    stages: str = ""  # "" = the workspace's [train] stages (default two-stage)
+    stage_by: str = ""  # "" = the workspace's [train] stage_by (default step)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
@@ -78,9 +95,7 @@ class FlowerRunSettings:
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
             raise ConfigError(f"num-server-rounds={self.num_server_rounds!r} must be >= 1", fix="set num-server-rounds = 2")
-        from uniflow_cli.training import STAGE_BY, STAGE_PLANS  # (no torch at import)
-
-        if self.stages not in STAGE_PLANS or self.stage_by not in STAGE_BY:
+        if self.stages not in ("", *STAGE_PLANS) or self.stage_by not in ("", *STAGE_BY):
             raise ConfigError(
                 f"stages={self.stages!r}, stage-by={self.stage_by!r}",
                 fix=f"use stages = one of {', '.join(STAGE_PLANS)} and stage-by = {' or '.join(STAGE_BY)}",
@@ -126,6 +141,16 @@ class FlowerRunSettings:
                 raise ConfigError(f"run-config {key}={value!r} must be true or false", fix=f"{key}=true")
             values[name] = float(value) if "float" in kind and not isinstance(value, bool) else value
         return cls(**values)
+
+    def aggregate_overrides(self) -> dict[str, Any]:
+        """What the run config sets of ``[aggregate]`` (None = the workspace's table decides)."""
+        return {"method": self.method or None, "lambda_": self.lambda_, "ridge": self.ridge, "weighting": self.weighting}
+
+    def train_overrides(self) -> dict[str, Any]:
+        """What the run config sets of ``[train]`` (None = the workspace's table decides). Uploads travel in
+        float32 ArrayRecords, so ``dtype`` is fixed."""
+        return {"tau": self.tau, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
+                "stages": self.stages or None, "stage_by": self.stage_by or None, "dtype": "float32"}
 
     def workspace_path(self, node_config: Mapping[str, Any] | None = None) -> Path:
         """A node may keep its own copy of the workspace (``--node-config "workspace='/srv/fed'"``)."""

@@ -25,8 +25,10 @@ from flwr.supercore import log
 
 from uniflow_cli.adapters import MAX_EXAMPLES, MODALITY_NAMES, AdapterMeta, LoadedAdapter, check_peft_config, open_adapter, read_adapter, write_adapter
 from uniflow_cli.aggregation import AggregationOptions, AggregationResult, ClientUpdate, aggregate
+from uniflow_cli.aggregation.registry import method_spec
 from uniflow_cli.errors import UniflowError
 from uniflow_cli.flower.records import HEADER_KEY, HISTORY_KEY, REPLY_KEY, global_header, history_record, record_to_tensors, tensors_to_record
+from uniflow_cli.global_info import GlobalInfo, global_meta
 from uniflow_cli.paths import ID_RULE, is_valid_id
 
 
@@ -38,11 +40,6 @@ def header_only(path: Path) -> LoadedAdapter:
     """
     reader = open_adapter(path, verify=False)
     return LoadedAdapter(reader.path, reader.peft_config, {}, reader.meta)
-
-
-def _order(client_id: str) -> str:
-    # uniflow aggregate reads rounds/<t>/clients/* sorted by directory name: the same order here.
-    return client_id
 
 
 class UniflowFedAvg(FedAvg):
@@ -89,7 +86,7 @@ class UniflowFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------------ sending
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         t = self.round_offset + server_round - 1
-        history = self.history if self.options.method in ("fedex", "flora") else []
+        history = self.history if method_spec(self.options.method).folds_history else []
         config = ConfigRecord(dict(config))  # per round: the caller's record is reused every round
         config[HEADER_KEY] = global_header(self.current, round_=t, method=self.options.method, history=history)
         # What the clients actually receive is the start of this round (a DP wrapper may have noised it).
@@ -160,7 +157,7 @@ class UniflowFedAvg(FedAvg):
         if len(accepted) < self.min_train_nodes:
             log(WARNING, "round %d: %d usable replies, fewer than min-train-nodes=%d: the global is not updated", t, len(accepted), self.min_train_nodes)
             return None, None
-        order = sorted(accepted, key=_order)
+        order = sorted(accepted)  # uniflow aggregate reads rounds/<t>/clients/* sorted by name: the same order here
         contents = [accepted[c].content for c in order]
         clients, raw_weights = [], []
         start = ClientUpdate(f"global of round {t - 1}", self.current.tensors, self.current.peft_config)
@@ -185,21 +182,13 @@ class UniflowFedAvg(FedAvg):
 
     def _meta(self, t: int, order: list[str], contents: list[Any], result: AggregationResult) -> AdapterMeta:
         counts = [int(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        modalities = sorted({m for c in contents for m in json.loads(str(c.config_records[REPLY_KEY].get("modalities", "[]")))})
-        return AdapterMeta(
-            role="global",
-            base_fingerprint=self.base_fingerprint,
-            round=t,
-            num_examples=sum(counts) or None,
-            modalities=modalities,
-            method=result.method,
-            extra={
-                "aggregation": result.summary(),
-                "options": {"lambda": self.options.lambda_, "ridge": self.options.ridge, "rcond": self.options.rcond, "weighting": self.weighting, "dtype": "float32"},
-                "clients": [{"client_id": c, "num_examples": n, "weight": w} for c, n, w in zip(order, counts, result.weights)],
-                "notes": result.notes,
-                "engine": {"name": "flower", "rejected": self.rejected.get(t, [])},
-            },
+        modalities = [m for c in contents for m in json.loads(str(c.config_records[REPLY_KEY].get("modalities", "[]")))]
+        return global_meta(
+            result, round_=t, base_fingerprint=self.base_fingerprint, num_examples=sum(counts) or None, modalities=modalities,
+            options={"lambda": self.options.lambda_, "ridge": self.options.ridge, "rcond": self.options.rcond, "weighting": self.weighting, "dtype": "float32"},
+            clients=[{"client_id": c, "num_examples": n, "weight": w} for c, n, w in zip(order, counts, result.weights)],
+            engine={"name": "flower", "rejected": self.rejected.get(t, [])},
+            settings=GlobalInfo.of(self.current.meta).settings,  # the model the run started from
         )
 
     def publish(self, server_round: int, arrays: ArrayRecord) -> None:

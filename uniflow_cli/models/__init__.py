@@ -21,7 +21,7 @@ from uniflow_cli.models.presets import Progress, base_fingerprint, cache_status,
 from uniflow_cli.models.settings import MODALITIES, POOLS, PRESETS, ModelSettings, PromptSettings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from uniflow_cli.workspace import LoraSettings
+    from uniflow_cli.settings import LoraSettings
 
 __all__ = [
     "MODALITIES",
@@ -96,11 +96,11 @@ def model_from_adapter(model_cfg: ModelSettings | dict[str, Any], adapter: Any, 
 
 def __getattr__(name: str) -> Any:
     # Lazy re-exports: importing uniflow_cli.models must not import torch (CLI start-up time).
-    if name in ("adapter_tensors", "peft_config_dict", "set_trainable_stage", "load_adapter_tensors", "parameter_counts", "check_compatible", "unwrap"):
+    if name in ("adapter_tensors", "peft_config_dict", "set_trainable_stage", "load_adapter_tensors", "parameter_counts", "check_compatible"):
         from uniflow_cli.models import lora
 
         return getattr(lora, name)
-    if name in ("collate", "UniflowModel", "Collator", "pool"):
+    if name in ("collate", "UniflowModel", "Collator", "pool", "unwrap"):
         from uniflow_cli.models import multimodal
 
         return getattr(multimodal, name)

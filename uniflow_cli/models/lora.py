@@ -19,21 +19,11 @@ from typing import Any
 import torch
 
 from uniflow_cli.errors import AdapterError, ConfigError, IncompatibleAdaptersError, UsageError
-from uniflow_cli.workspace import LoraSettings
+from uniflow_cli.models.multimodal import unwrap  # lives with UniflowModel; importable from here too
+from uniflow_cli.peft_keys import base_weight_key, lora_modules, lora_scaling
+from uniflow_cli.settings import LoraSettings
 
 STAGES = ("encoder", "llm", "both")
-
-
-def unwrap(model: Any) -> Any:
-    """The :class:`UniflowModel` inside a PeftModel (or the model itself)."""
-    from uniflow_cli.models.multimodal import UniflowModel
-
-    if isinstance(model, UniflowModel):
-        return model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else None
-    if isinstance(base, UniflowModel):
-        return base
-    raise UsageError(f"expected a UniflowModel or a PeftModel around one, got {type(model).__name__}", fix="build it with load_model()")
 
 
 def target_regex(model: Any, lora: LoraSettings) -> str:
@@ -260,8 +250,6 @@ def add_to_base(peft_model: Any, deltas: dict[str, torch.Tensor], *, where: str 
 
 def lora_deltas(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense ΔW = s·B·A of every complete LoRA pair of an adapter, keyed by base weight (FLoRA merges)."""
-    from uniflow_cli.adapters import base_weight_key, lora_modules, lora_scaling
-
     pairs, _ = lora_modules(list(tensors))
     out = {}
     for module, (a_key, b_key) in pairs.items():

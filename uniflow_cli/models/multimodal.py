@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniflow_cli.errors import ConfigError, DataError, ModelError
+from uniflow_cli.errors import ConfigError, DataError, ModelError, UsageError
 from uniflow_cli.models.settings import ModelSettings, PromptSettings
 
 SLOT_IDS = {"image": -1, "audio": -2}
@@ -348,8 +348,17 @@ class UniflowModel(nn.Module):
         return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
 
 
+def unwrap(model: Any) -> Any:
+    """The :class:`UniflowModel` inside a PeftModel (or the model itself)."""
+    # Here, next to the class it looks for: models.lora imports it from this module, never the other way round.
+    if isinstance(model, UniflowModel):
+        return model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if isinstance(base, UniflowModel):
+        return base
+    raise UsageError(f"expected a UniflowModel or a PeftModel around one, got {type(model).__name__}", fix="build it with load_model()")
+
+
 def collate(samples: Sequence[dict[str, Any]], model: Any, *, train: bool = True, max_length: int | None = None) -> dict[str, Any]:
     """Module-level form of :meth:`UniflowModel.collate` (accepts the PEFT-wrapped model too)."""
-    from uniflow_cli.models.lora import unwrap
-
     return unwrap(model).collate(samples, train=train, max_length=max_length)

@@ -1,0 +1,181 @@
+"""One client's round in memory: build the starting model from the global, train, split what is uploaded
+from what stays on the client. Shared by ``uniflow local-train`` (:mod:`uniflow_cli.local_train`) and the
+Flower ClientApp (:mod:`uniflow_cli.flower.client`), so the same inputs give the same bytes on both paths.
+
+Every per-method difference is asked of the method's :class:`~uniflow_cli.aggregation.registry.MethodSpec`:
+which tensors a client shares (``spec.shares``), whether A is frozen (``frozen_A``), whether each client keeps
+its own B (``private_B``, FedSA) and whether earlier globals are folded into the base (``folds_history``:
+FedEx residuals, FLoRA merges — :func:`uniflow_cli.models.history.fold_history`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from uniflow_cli.errors import IncompatibleAdaptersError
+from uniflow_cli.schedule import mixed_seed
+from uniflow_cli.settings import TrainSettings
+from uniflow_cli.training import TrainStats, _spec, train_loop
+
+B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass
+class ClientRound:
+    """What one client's round produced, before anything is written or sent."""
+
+    shared: dict[str, Any]  # what the method uploads, in cfg.dtype
+    private: dict[str, Any] | None  # FedSA's B: never leaves the client
+    peft_config: dict[str, Any]
+    meta: Any  # AdapterMeta(role="client", ...)
+    stats: TrainStats
+    upload_bytes: int
+    folded_rounds: list[int]
+
+
+# --------------------------------------------------------------------------------------------------
+# What is shared, what stays
+# --------------------------------------------------------------------------------------------------
+def upload_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """What the client shares (``spec.shares``): FedSA keeps B private, FFA never re-sends the frozen A."""
+    spec = _spec(method)
+    return {k: v for k, v in tensors.items() if spec.shares(k)}
+
+
+def private_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The client's own B of a method that keeps it (FedSA), else None."""
+    return {k: v for k, v in tensors.items() if k.endswith(B_SUFFIX)} if _spec(method).private_B else None
+
+
+def method_may_keep_state(method: str | None) -> bool:
+    """Methods whose client keeps private state between rounds (FedSA's B), or a method not known yet."""
+    from uniflow_cli.aggregation.registry import SPECS
+
+    return method is None or (method in SPECS and SPECS[method].keeps_client_state)
+
+
+def read_private_B(state_dir: Path | None, method: Any) -> dict[str, Any] | None:
+    """The B this client kept from its last round (FedSA), or None (another method, or its first round)."""
+    from uniflow_cli.adapters import TENSORS_FILE, read_adapter
+
+    if state_dir is None or not _spec(method).private_B or not (Path(state_dir) / TENSORS_FILE).exists():
+        return None
+    return read_adapter(Path(state_dir)).tensors
+
+
+def write_private_B(state_dir: Path, result: ClientRound) -> Path | None:
+    """Keep a round's private B in ``state_dir`` for the client's next round (replaced atomically).
+
+    The one writer of FedSA's client state, for the file-drop path and the Flower node alike; None when
+    the round kept nothing private."""
+    from uniflow_cli.adapters import AdapterMeta, write_adapter
+
+    if result.private is None:
+        return None
+    m = result.meta
+    meta = AdapterMeta(role="client", client_id=m.client_id, round=m.round, method=m.method, base_fingerprint=m.base_fingerprint)
+    return write_adapter(Path(state_dir), peft_config=result.peft_config, tensors=result.private, meta=meta, force=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The round
+# --------------------------------------------------------------------------------------------------
+def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: int, history: Sequence[tuple[int, Any]] = (),
+                   private_B: Mapping[str, Any] | None = None, private_where: str = "client state",
+                   started_from: str | None = None) -> tuple[Any, list[int]]:
+    """(the model round ``round_`` trains, the earlier rounds folded into its base)."""
+    from uniflow_cli.models import load_model, model_from_adapter
+    from uniflow_cli.models.history import fold_history
+    from uniflow_cli.models.lora import load_adapter_tensors, unwrap
+
+    if spec.merges_into_base and start.meta is not None and start.meta.round:
+        # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
+        # whose init is the same on every client (seeded by the round only).
+        model = load_model(settings, lora, seed=round_)
+        fp = start.meta.base_fingerprint
+        if fp is not None and fp != unwrap(model).fingerprint:
+            raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}",
+                                            fix="use the model settings the global was made with")
+    else:
+        model = model_from_adapter(settings, start, lora)
+    folded = fold_history(model, history, spec).rounds if spec.folds_history else []
+    if spec.private_B and private_B:
+        load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(B_SUFFIX)}, strict=False, where=private_where)
+    return model, folded
+
+
+def train_client_round(
+    cfg: TrainSettings,
+    start: Any,
+    dataset: Any,
+    settings: Any,
+    lora: Any,
+    *,
+    method: Any,
+    client_id: str | None,
+    round_: int,
+    history: Sequence[tuple[int, Any]] = (),
+    private_B: Mapping[str, Any] | None = None,
+    private_where: str = "client state",
+    total_rounds: int | None = None,
+    started_from: str | None = None,
+    on_step: Callable[[int, int, float, str], None] | None = None,
+) -> ClientRound:
+    """Build the starting model from the global ``start`` (a LoadedAdapter), train, return the upload.
+
+    ``history`` is ``[(round, LoadedAdapter), ...]`` of the globals published in rounds 1..t (fedex folds
+    their residuals, flora their merged LoRA into the base); ``private_B`` is FedSA's own B from the last
+    round; ``method`` a name or a MethodSpec. ``settings``/``lora`` (ModelSettings, LoraSettings) are
+    recorded in the drop (``extra.settings``) so the server can carry them into the global."""
+    import torch
+
+    from uniflow_cli.models import adapter_tensors, peft_config_dict
+
+    spec = _spec(method)
+    model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private_B=private_B,
+                                   private_where=private_where, started_from=started_from)
+    seed = mixed_seed(cfg.seed, round_, client_id or "0")
+    stats = train_loop(model, dataset, cfg, method=spec, seed=seed, round_=round_, total_rounds=total_rounds, on_step=on_step)
+    tensors = adapter_tensors(model)
+    dtype = getattr(torch, cfg.dtype)
+    shared = {k: v.to(dtype) for k, v in upload_tensors(spec, tensors).items()}
+    upload_bytes = sum(v.numel() * v.element_size() for v in shared.values())
+    meta = client_meta(cfg, stats, model, dataset, spec=spec, settings=settings, lora=lora, client_id=client_id, round_=round_,
+                       upload_bytes=upload_bytes, started_from=started_from, folded=folded)
+    return ClientRound(shared, private_tensors(spec, tensors), peft_config_dict(model), meta, stats, upload_bytes, folded)
+
+
+def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any, *, spec: Any, settings: Any, lora: Any,
+                client_id: str | None, round_: int, upload_bytes: int, started_from: str | None, folded: list[int]) -> Any:
+    """The drop's ``uniflow.json``: who, which round, the training record and the model settings."""
+    from uniflow_cli.adapters import AdapterMeta
+    from uniflow_cli.global_info import settings_record
+    from uniflow_cli.models.lora import unwrap
+
+    train = {
+        "steps": stats.steps,
+        "steps_per_stage": stats.steps_per_stage,
+        "first_loss": stats.first_loss,
+        "last_loss": stats.last_loss,
+        "seconds": round(stats.seconds, 3),
+        "tokens": stats.tokens,
+        "truncated": stats.truncated,
+        "upload_bytes": upload_bytes,
+        "started_from": started_from,
+        "folded_rounds": folded,
+        "config": asdict(cfg),
+    }
+    return AdapterMeta(
+        role="client",
+        client_id=client_id,
+        round=round_,
+        num_examples=stats.num_examples,
+        modalities=sorted(set(dataset["modality"])),
+        stage=cfg.stages if cfg.stages != "two-stage" else f"two-stage(tau={cfg.tau:g},by={cfg.stage_by})",
+        method=spec.name,
+        base_fingerprint=unwrap(model).fingerprint,
+        extra={"train": train, "settings": settings_record(settings, lora)},
+    )
