@@ -131,7 +131,7 @@ def test_help_text_shows_toml_table_names():
 
 # local-train's "--steps" help says "[train]" unescaped (rich shows "workspace  steps"); the lead escapes it
 # (\\[train]) while local-train is rewritten, then empties this set: the test asks for that once it is clean.
-MARKUP_NOT_YET = {"local-train"}
+MARKUP_NOT_YET: set[str] = set()
 
 
 def _eaten(text: str) -> bool:
@@ -211,3 +211,28 @@ def test_aggregate_summary_shows_eq13_branches_only_where_solved(capsys, method,
     print_aggregate_outcome(SimpleNamespace(result=result, clients=[client], out="g", tensor_bytes=10, residual_bytes=0))
     text = " ".join(capsys.readouterr().out.split())
     assert "published g" in text and (shown in text if shown else "branches" not in text)
+
+
+def test_a_round_as_json_local_train_aggregate_evaluate_inspect(tmp_path):
+    """Every command that prints a result has --json: one object on stdout, parseable."""
+    from tests.workspace_factory import make_workspace
+
+    ws = make_workspace(tmp_path / "fed", {"0": "image", "1": "image"}, test=("image",))
+    run = lambda *args: CliRunner().invoke(app, [*map(str, args)])  # noqa: E731
+    for k in ("0", "1"):
+        res = run("local-train", "-w", ws, "--client", k, "--steps", "1", "--json")
+        assert res.exit_code == 0, res.output
+        drop = json.loads(res.stdout)
+        assert drop["round"] == 1 and drop["steps"] == 1 and drop["out"].endswith(f"rounds/1/clients/{k}")
+    res = run("aggregate", "-w", ws, "--round", "1", "--json")
+    assert res.exit_code == 0, res.output
+    fused = json.loads(res.stdout)
+    assert fused["published"] and fused["method"] == "fedA2" and [c["client_id"] for c in fused["clients"]] == ["0", "1"]
+    res = run("aggregate", "-w", ws, "--round", "1", "--json")  # a rerun is a no-op, said in JSON too
+    assert res.exit_code == 0 and json.loads(res.stdout)["published"] is False
+    res = run("evaluate", "-w", ws, "--limit", "1", "--max-new-tokens", "2", "--json")
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.stdout)
+    assert scored["round"] == 1 and "image" in scored["metrics"] and scored["path"].endswith("eval/round-1.json")
+    res = run("inspect", ws / "rounds" / "1" / "global", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["meta"]["method"] == "fedA2"

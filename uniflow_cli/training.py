@@ -24,11 +24,8 @@ from uniflow_cli.errors import TrainingError
 from uniflow_cli.schedule import STAGE_BY, STAGE_PLANS, lr_factor, mixed_seed, stage_plan, total_steps_for, warmup_steps
 from uniflow_cli.settings import TrainSettings
 
-# The old name of the training settings (benchmarks and older callers): the same fields, now one class.
-LocalTrainConfig = TrainSettings
-
 __all__ = [
-    "STAGE_BY", "STAGE_PLANS", "LocalTrainConfig", "TrainStats", "freeze_for_method", "lr_factor", "mixed_seed",
+    "STAGE_BY", "STAGE_PLANS", "TrainStats", "freeze_for_method", "lr_factor", "mixed_seed",
     "stage_plan", "total_steps_for", "train_loop", "warmup_steps",
 ]
 

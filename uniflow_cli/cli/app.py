@@ -40,15 +40,8 @@ WORKFLOW = tuple(COMMANDS)
 
 # The root's example for modules that keep a hand-written EPILOG string (no EXAMPLES list yet); a module
 # that defines EXAMPLES is always preferred, so converting it needs no change here.
-FALLBACK_EXAMPLES: dict[str, Example] = {
-    "local-train": ("inside a workspace: client 3 trains from the latest global and drops its adapter", "uniflow local-train --client 3"),
-    "evaluate": ("inside a workspace: score the latest published round on every test split", "uniflow evaluate"),
-}
-
-
 def first_example(name: str, module: ModuleType) -> Example:
-    examples = getattr(module, "EXAMPLES", None)
-    return examples[0] if examples else FALLBACK_EXAMPLES[name]
+    return module.EXAMPLES[0]  # every command module lists its examples, the workspace-mode one first
 
 
 ROOT_EPILOG = epilog(

@@ -10,6 +10,7 @@ import typer
 from uniflow_cli.cli.examples import Example, epilog
 from uniflow_cli.cli.options import (
     BATCH_SIZE_FLAGS,
+    JsonOpt,
     DATA_FLAGS,
     LIMIT_FLAGS,
     OUT_FLAGS,
@@ -86,6 +87,7 @@ def evaluate(
     ] = None,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a global adapter: token accuracy, EM, BLEU, ROUGE-L and BERTScore per modality."""
     from uniflow_cli.cli.local_train import set_threads
@@ -98,6 +100,13 @@ def evaluate(
     options = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, bertscore_model=bertscore_model,
                           bertscore_layers=bertscore_layers)
     result = _run(request, options)
+    if as_json:
+        from uniflow_cli.cli.console import notice, print_json
+
+        for message in result.notices:
+            notice(message)
+        print_json({"path": result.path, "round": result.round, "notices": result.notices, **result.payload})
+        return
     _print(result, client)
 
 
