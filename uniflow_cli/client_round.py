@@ -18,7 +18,8 @@ from typing import Any
 from uniflow_cli.errors import IncompatibleAdaptersError
 from uniflow_cli.schedule import mixed_seed
 from uniflow_cli.settings import TrainSettings
-from uniflow_cli.training import TrainStats, _spec, train_loop
+from uniflow_cli.aggregation.registry import as_spec
+from uniflow_cli.training import TrainStats, train_loop
 
 B_SUFFIX = ".lora_B.weight"
 
@@ -41,13 +42,13 @@ class ClientRound:
 # --------------------------------------------------------------------------------------------------
 def upload_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """What the client shares (``spec.shares``): FedSA keeps B private, FFA never re-sends the frozen A."""
-    spec = _spec(method)
+    spec = as_spec(method)
     return {k: v for k, v in tensors.items() if spec.shares(k)}
 
 
 def private_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any] | None:
     """The client's own B of a method that keeps it (FedSA), else None."""
-    return {k: v for k, v in tensors.items() if k.endswith(B_SUFFIX)} if _spec(method).private_B else None
+    return {k: v for k, v in tensors.items() if k.endswith(B_SUFFIX)} if as_spec(method).private_B else None
 
 
 def method_may_keep_state(method: str | None) -> bool:
@@ -61,7 +62,7 @@ def read_private_B(state_dir: Path | None, method: Any) -> dict[str, Any] | None
     """The B this client kept from its last round (FedSA), or None (another method, or its first round)."""
     from uniflow_cli.adapters import TENSORS_FILE, read_adapter
 
-    if state_dir is None or not _spec(method).private_B or not (Path(state_dir) / TENSORS_FILE).exists():
+    if state_dir is None or not as_spec(method).private_B or not (Path(state_dir) / TENSORS_FILE).exists():
         return None
     return read_adapter(Path(state_dir)).tensors
 
@@ -134,7 +135,7 @@ def train_client_round(
 
     from uniflow_cli.models import adapter_tensors, peft_config_dict
 
-    spec = _spec(method)
+    spec = as_spec(method)
     model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private_B=private_B,
                                    private_where=private_where, started_from=started_from)
     seed = mixed_seed(cfg.seed, round_, client_id or "0")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from uniflow_cli.aggregation.registry import as_spec
 from uniflow_cli.errors import TrainingError
 from uniflow_cli.schedule import STAGE_BY, STAGE_PLANS, lr_factor, mixed_seed, stage_plan, total_steps_for, warmup_steps
 from uniflow_cli.settings import TrainSettings
@@ -50,15 +51,9 @@ class TrainStats:
         return self.losses[-1] if self.losses else None
 
 
-def _spec(method: Any) -> Any:
-    from uniflow_cli.aggregation.registry import method_spec
-
-    return method_spec(method) if isinstance(method, str) else method
-
-
 def freeze_for_method(model: Any, method: Any) -> None:
     """A method whose A is frozen (FFA-LoRA) never trains it, whatever the stage (requires_grad off)."""
-    if _spec(method).frozen_A:
+    if as_spec(method).frozen_A:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
@@ -105,6 +100,7 @@ def _accumulated_loss(model: Any, dataset: Any, draws: Iterator[list[int]], cfg:
     return step_loss
 
 
+# Long on purpose: the one straight training loop, read top to bottom (like nanochat); splitting it would hide the order of things.
 def train_loop(
     model: Any,
     dataset: Any,
@@ -126,7 +122,7 @@ def train_loop(
     from uniflow_cli.models import set_trainable_stage
     from uniflow_cli.models.lora import unwrap
 
-    spec = _spec(method)
+    spec = as_spec(method)
     n = len(dataset)
     if n == 0:
         raise TrainingError("the client's shard is empty", fix="re-run 'uniflow partition' with more data per client")

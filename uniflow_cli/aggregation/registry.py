@@ -90,3 +90,11 @@ def method_spec(name: object, *, field: str = "method") -> MethodSpec:
     close = difflib.get_close_matches(str(name), METHOD_NAMES, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError.invalid(field, name, f"is not one of {', '.join(METHOD_NAMES)}{hint}", example=close[0] if close else DEFAULT_METHOD)
+
+
+def as_spec(method: str | MethodSpec | object) -> MethodSpec:
+    """A spec from a method's name, or the spec (or ``Method``) itself."""
+    if isinstance(method, MethodSpec):
+        return method
+    spec = getattr(method, "spec", None)
+    return spec if isinstance(spec, MethodSpec) else method_spec(method)

@@ -21,6 +21,7 @@ EPILOG = epilog(EXAMPLES, ["Methods: fedit (FedIT), ffa (FFA-LoRA), fedsa (FedSA
                            "svd (best rank-r of Σ w B A), flora (stacked factors)."])
 
 
+# Long only by its signature: one Typer parameter per option; the body is parse → one library call → print.
 def aggregate(
     adapters: Annotated[Optional[list[Path]], typer.Argument(help="Client adapter directories.", show_default=False)] = None,
     method: MethodOpt = None,

@@ -26,7 +26,7 @@ def inspect(
     from rich.table import Table
 
     from uniflow_cli.cli.console import out, print_json
-    from uniflow_cli.cli.render import _fmt, human_bytes
+    from uniflow_cli.cli.render import fmt, human_bytes
 
     info = describe_adapter(adapter)
     if as_json:
@@ -53,7 +53,7 @@ def inspect(
             layer["module"].removeprefix("base_model.model."), str(layer["rank"]),
             "×".join(map(str, layer["A_shape"])) if layer["A_shape"] else "-",
             "×".join(map(str, layer["B_shape"])) if layer["B_shape"] else "-",
-            layer["dtype"], _fmt(layer["A_norm"], ".3g"), _fmt(layer["B_norm"], ".3g"), _fmt(layer["delta_norm"], ".3g"),
+            layer["dtype"], fmt(layer["A_norm"], ".3g"), fmt(layer["B_norm"], ".3g"), fmt(layer["delta_norm"], ".3g"),
         )
     out.print(table)
     if info["other_tensors"]:

@@ -38,6 +38,7 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+# Long only by its signature: one Typer parameter per option; the body is parse → one library call → print.
 def local_train(
     client: ClientOpt = None,
     stage_tau: TauOpt = None,

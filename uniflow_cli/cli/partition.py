@@ -28,6 +28,7 @@ EPILOG = epilog(EXAMPLES, [
 ])
 
 
+# Long only by its signature: one Typer parameter per option; the body is parse → one library call → print.
 def partition(
     dataset: DatasetOpt,
     # No -c: that is --client (one client id) in local-train and evaluate.

@@ -12,7 +12,7 @@ from uniflow_cli.cli.console import out
 MAX_LAYER_ROWS = 24
 
 
-def _fmt(value: float | None, spec: str = ".2e") -> str:
+def fmt(value: float | None, spec: str = ".2e") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and math.isinf(value):
@@ -44,7 +44,7 @@ def print_aggregate_outcome(outcome: Any) -> None:
     table.add_column("cond(ĀĀᵀ)", justify="right")
     table.add_column("‖s·BA−U‖/‖U‖", justify="right")
     for layer in shown:
-        table.add_row(layer.module.removeprefix("base_model.model."), str(layer.rank), layer.branch, _fmt(layer.cond), _fmt(layer.rel_error))
+        table.add_row(layer.module.removeprefix("base_model.model."), str(layer.rank), layer.branch, fmt(layer.cond), fmt(layer.rel_error))
     out.print(table)
     summary = result.summary()
     clients = Table(title="clients", title_justify="left")
@@ -59,7 +59,7 @@ def print_aggregate_outcome(outcome: Any) -> None:
     out.print(
         f"[green]published[/green] {outcome.out}  ({human_bytes(outcome.tensor_bytes)}"
         + (f" + residual {human_bytes(outcome.residual_bytes)}" if outcome.residual_bytes else "")
-        + f")  mean rel. error {_fmt(summary['rel_error_mean'])}, max {_fmt(summary['rel_error_max'])}"
+        + f")  mean rel. error {fmt(summary['rel_error_mean'])}, max {fmt(summary['rel_error_max'])}"
         + (f"  branches: {branches}" if branches else ""),
         soft_wrap=True,
     )

@@ -14,8 +14,8 @@ a device never ends), so ``../../home/me/.ssh/id_rsa`` is never embedded into a 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -211,16 +211,50 @@ def load_user(path: str | Path, columns: Columns | None = None, *, allow_media_o
 
     Media paths must resolve under the dataset's directory (a file's parent, a folder itself) or one of
     ``allow_media_outside``; ``Source.check`` verifies that for chosen rows before anything is written."""
-    from uniflow_cli.data.media import encode_wav, load_audio
-
     columns = columns or Columns()
     path = Path(path)
     roots = [p.resolve() for p in (path.parent if path.is_file() else path, *map(Path, allow_media_outside))]
     parts, is_folder = _parts(path)
+    media = _media_column(parts, columns, is_folder)
+    _check_columns(parts, columns, media)
+    if sum(len(p.ds) for p in parts) == 0:
+        raise DataError(f"dataset {path} is empty (0 rows)", fix="add rows with question and answer")
+    modality = "text"
+    if media is not None:
+        for part in parts:
+            _undecoded(part, media)
+        modality = _modality_of(next(p for p in parts if len(p.ds)), media)
+    rows = _collect_rows(parts, columns, media)
+    name = path.stem if path.is_file() else path.name
+    access = _Media(modality, roots)
+
+    def check(indices: Sequence[int]) -> None:
+        for i in indices:
+            pi, r = rows.where[int(i)]
+            access.check(parts[pi].ds[r][media], parts[pi], r)
+
+    return Source(
+        name=name,
+        modality=modality,
+        kind="user",
+        questions=rows.questions,
+        answers=rows.answers,
+        roles=np.array(rows.roles, dtype=np.int8),
+        fetch=_fetcher(name, modality, parts, media, rows, access),
+        label_columns=rows.extra,
+        path=str(path),
+        check=check if modality != "text" else None,
+    )
+
+
+def _media_column(parts: Sequence[Any], columns: Columns, is_folder: bool) -> str | None:
+    """The media column: as given, else ``image``/``audio`` if present, else a folder's ``file_name``."""
     present = list(parts[0].ds.column_names)
     media = columns.media or next((c for c in ("image", "audio") if c in present), None)
-    if media is None and is_folder:
-        media = "file_name"
+    return "file_name" if media is None and is_folder else media
+
+
+def _check_columns(parts: Sequence[Any], columns: Columns, media: str | None) -> None:
     need = [c for c in (columns.question, columns.answer, media) if c is not None]
     for part in parts:
         missing = [c for c in need if c not in part.ds.column_names]
@@ -231,45 +265,48 @@ def load_user(path: str | Path, columns: Columns | None = None, *, allow_media_o
                 f"(present: {', '.join(part.ds.column_names) or 'none'})",
                 fix=" and ".join(f"pass {flags[c]} NAME" for c in missing),
             )
-    total = sum(len(p.ds) for p in parts)
-    if total == 0:
-        raise DataError(f"dataset {path} is empty (0 rows)", fix="add rows with question and answer")
-    modality = "text"
-    if media is not None:
-        for part in parts:
-            _undecoded(part, media)
-        modality = _modality_of(next(p for p in parts if len(p.ds)), media)
-    access = _Media(modality, roots)
 
-    questions: list[str] = []
-    answers: list[str] = []
-    roles: list[int] = []
-    where: list[tuple[int, int]] = []  # local index -> (part, row)
-    extra: dict[str, list[str]] = {}
-    scalar_cols = [
-        c for c in present if c not in (columns.question, media) and all(c in p.ds.column_names for p in parts)
-    ]
+
+@dataclass
+class _Rows:
+    questions: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    roles: list[int] = field(default_factory=list)
+    where: list[tuple[int, int]] = field(default_factory=list)  # local index -> (part, row)
+    extra: dict[str, list[str]] = field(default_factory=dict)  # scalar columns (labels for partitioning)
+
+
+def _collect_rows(parts: Sequence[Any], columns: Columns, media: str | None) -> _Rows:
+    """Questions, answers and roles of every row (each must have both), and the scalar columns all parts share."""
+    rows = _Rows()
+    present = list(parts[0].ds.column_names)
+    scalar_cols = [c for c in present if c not in (columns.question, media) and all(c in p.ds.column_names for p in parts)]
     for pi, part in enumerate(parts):
         qs, ans = part.ds[columns.question], part.ds[columns.answer]
         for r, (q, a) in enumerate(zip(qs, ans)):
             if q is None or a is None or str(q).strip() == "":
                 col = columns.question if q is None or str(q).strip() == "" else columns.answer
                 raise DataError(f"row {r + 1} of {part.origin} has no {col!r}", fix="fill it or drop the row")
-            questions.append(str(q))
-            answers.append(str(a))
-            roles.append(part.role)
-            where.append((pi, r))
+            rows.questions.append(str(q))
+            rows.answers.append(str(a))
+            rows.roles.append(part.role)
+            rows.where.append((pi, r))
         for c in scalar_cols:
             vals = part.ds[c]
             if all(v is None or isinstance(v, (str, int, float, bool)) for v in vals[:100]):
-                extra.setdefault(c, []).extend("" if v is None else str(v) for v in vals)
-    extra = {c: v for c, v in extra.items() if len(v) == len(questions)}
-    name = path.stem if path.is_file() else path.name
+                rows.extra.setdefault(c, []).extend("" if v is None else str(v) for v in vals)
+    rows.extra = {c: v for c, v in rows.extra.items() if len(v) == len(rows.questions)}
+    return rows
+
+
+def _fetcher(name: str, modality: str, parts: Sequence[Any], media: str | None, rows: _Rows, access: _Media) -> Callable[..., list[dict]]:
+    """``fetch(indices, progress)``: the chosen rows as samples, media read (confined) and fully decoded."""
+    from uniflow_cli.data.media import encode_wav, load_audio
 
     def fetch(indices: Sequence[int], progress: Progress | None = None) -> list[dict]:
-        rows = []
+        out = []
         for i in indices:
-            pi, r = where[int(i)]
+            pi, r = rows.where[int(i)]
             part = parts[pi]
             media_kw: dict[str, bytes] = {}
             if modality != "text":
@@ -288,27 +325,10 @@ def load_user(path: str | Path, columns: Columns | None = None, *, allow_media_o
                         f"unreadable {modality} {src} (row {r + 1} of {part.origin}): {str(exc).splitlines()[0]}",
                         fix=f"replace the file with a valid {modality} or drop the row",
                     ) from exc
-            rows.append(
-                make_row(id=f"{name}-{int(i)}", modality=modality, question=questions[int(i)], answer=answers[int(i)], **media_kw)
-            )
+            out.append(make_row(id=f"{name}-{int(i)}", modality=modality, question=rows.questions[int(i)],
+                                answer=rows.answers[int(i)], **media_kw))
             if progress:
                 progress(1)
-        return rows
+        return out
 
-    def check(indices: Sequence[int]) -> None:
-        for i in indices:
-            pi, r = where[int(i)]
-            access.check(parts[pi].ds[r][media], parts[pi], r)
-
-    return Source(
-        name=name,
-        modality=modality,
-        kind="user",
-        questions=questions,
-        answers=answers,
-        roles=np.array(roles, dtype=np.int8),
-        fetch=fetch,
-        label_columns=extra,
-        path=str(path),
-        check=check if modality != "text" else None,
-    )
+    return fetch

@@ -36,6 +36,7 @@ def _import_onnx() -> Any:
     return onnx
 
 
+# Long because it is a table: one line per ONNX initializer → HF parameter mapping, read top to bottom.
 def extract_state_dict(onnx_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``(hf_state_dict as numpy arrays, config kwargs)`` of the DINOv2 backbone in the ONNX file."""
     onnx = _import_onnx()

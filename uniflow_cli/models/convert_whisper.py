@@ -87,6 +87,7 @@ def _count_layers(variables: dict[str, Any], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+# Long because it is a table: one line per CTranslate2 variable → HF parameter mapping, read top to bottom.
 def ct2_to_hf_state(variables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Map CTranslate2 Whisper variables to HF ``WhisperForConditionalGeneration`` names (float32 numpy)."""
     import numpy as np
