@@ -274,3 +274,29 @@ def test_traceback_only_with_debug(drops, tmp_path, monkeypatch):
     result = runner.invoke(app, ["aggregate", str(tmp_path / "nope"), "--out", str(tmp_path / "g")])
     assert result.exit_code == 1
     assert "Traceback" in result.output
+
+
+def test_explicit_mode_ignores_a_workspace_in_the_cwd(drops, tmp_path, monkeypatch):
+    """Explicit aggregation uses only what it is given: a uniflow.toml in the cwd (or $UNIFLOW_WORKSPACE)
+    must not change the method; --workspace, given on purpose, does."""
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "uniflow.toml").write_text('[aggregate]\nmethod = "fedit"\n')
+    monkeypatch.chdir(decoy)
+    monkeypatch.setenv("UNIFLOW_WORKSPACE", str(decoy))
+    assert run("aggregate", *drops, "--out", tmp_path / "g").exit_code == 0
+    assert read_adapter(tmp_path / "g").meta.method == "fedA2"  # the built-in default, not the decoy's fedit
+    assert run("aggregate", *drops, "--out", tmp_path / "g2", "--workspace", decoy).exit_code == 0
+    assert read_adapter(tmp_path / "g2").meta.method == "fedit"
+
+
+def test_global_carries_the_model_settings_its_drops_record(tmp_path):
+    """The drops' common extra.settings go into the global, so an explicit-mode client needs no --preset."""
+    settings = {"model": {"preset": "tiny-random", "modalities": ["image"]}, "lora": {"r": 4}}
+    drops = [write_client(tmp_path / "d", k, lora_tensors(k, dtype=torch.float32)) for k in range(2)]
+    for d in drops:
+        meta = json.loads((d / META_FILE).read_text())
+        meta["extra"] = {"settings": settings}
+        (d / META_FILE).write_text(json.dumps(meta))
+    assert run("aggregate", *drops, "--out", tmp_path / "g").exit_code == 0
+    assert read_adapter(tmp_path / "g").meta.extra["settings"] == settings
