@@ -152,3 +152,26 @@ def test_no_method_name_branches_outside_the_registry():
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "registry.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+# ------------------------------------------------------------------------------------------- worded errors
+def test_worded_names_settings_in_library_terms_and_keeps_values_literal():
+    from uniflow_cli.errors import UsageError, reword, worded
+
+    exc = worded(UsageError, "{round_} {t}: nothing in {path}", "pick another {round_}", t=3, path="/x/{odd}")
+    assert str(exc) == "round 3: nothing in /x/{odd}. Fix: pick another round"  # braces in a value stay
+    told = reword(exc, {"round_": "--round"}.get)
+    assert isinstance(told, UsageError) and str(told) == "--round 3: nothing in /x/{odd}. Fix: pick another --round"
+
+
+def test_the_cli_words_a_library_error_with_its_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from uniflow_cli.cli.app import app
+    from uniflow_cli.errors import UsageError
+    from uniflow_cli.report import parse_metrics
+
+    with pytest.raises(UsageError, match=r"^metrics is empty"):
+        parse_metrics("")
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--metrics", ",", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--metrics is empty" in result.output

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from uniflow_cli.errors import OutputExistsError, UniflowError
+from uniflow_cli.errors import OutputExistsError, UniflowError, worded
 
 # A hidden temp sibling older than this whose writer no longer holds its lock was left by a killed run.
 STALE_TEMP_SECONDS = 60.0
@@ -33,7 +33,7 @@ def check_writable_target(final: Path, *, force: bool, replaces: Replaces | None
     final = Path(final)
     if os.path.lexists(final):
         if not force:
-            raise OutputExistsError(f"output {final} already exists", fix="choose another --out or pass --force to replace it")
+            raise worded(OutputExistsError, "output {path} already exists", "choose another output or pass {force} to replace it", path=final)
         if final.is_symlink() or (replaces is not None and not replaces(final)):
             raise OutputExistsError(
                 f"output {final} exists and is not a {kind}; refusing to replace it, even with --force",
@@ -179,8 +179,8 @@ def publish_dir(final: Path, *, force: bool = False, replaces: Replaces | None =
         _fsync_tree(tmp)
         if os.path.lexists(final):
             if not force:  # somebody else published while we worked: never overwrite
-                raise OutputExistsError(
-                    f"output {final} appeared while writing", fix="another process published it; use --force to replace"
+                raise worded(OutputExistsError,
+                    "output {path} appeared while writing", "another process published it; use {force} to replace", path=final
                 )
             check_writable_target(final, force=force, replaces=replaces, kind=kind)
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
@@ -222,7 +222,7 @@ class StagedFile:
         if os.path.lexists(self.path):
             if not self.force:
                 self.discard()
-                raise OutputExistsError(f"output {self.path} appeared while writing", fix="another process wrote it; use --force to replace")
+                raise worded(OutputExistsError, "output {path} appeared while writing", "another process wrote it; use {force} to replace", path=self.path)
             check_writable_target(self.path, force=True, replaces=self.replaces, kind=self.kind)
         os.replace(self.tmp, self.path)
         self._close()

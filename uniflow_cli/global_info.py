@@ -108,7 +108,7 @@ def recorded_settings(meta: Any, where: str) -> tuple[Any, Any] | None:
         lora_table = info.settings.get("lora") if isinstance(info.settings.get("lora"), dict) else {}
         lora = LoraSettings(**check_keys(lora_table, LoraSettings, f"{where} settings.lora"))
     except ConfigError as exc:
-        raise ConfigError(f"{where}: the recorded model settings are invalid ({exc.problem})", fix="pass --preset, or re-publish the adapter") from None
+        raise ConfigError(f"{where}: the recorded model settings are invalid ({exc.problem})", fix="name the model preset, or re-publish the adapter") from None
     if model.preset == "custom" and not all(Path(p).is_dir() for p in (model.llm, model.image_encoder, model.audio_encoder) if p):
         return None
     return model, lora

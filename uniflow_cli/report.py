@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.atomic import check_writable_target, publish_dir
-from uniflow_cli.errors import DataError, UsageError
+from uniflow_cli.errors import DataError, UsageError, worded
 from uniflow_cli.evaluation_io import read_eval_json
 from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
 
@@ -122,12 +122,12 @@ def parse_metrics(spec: str | Sequence[str] | None) -> list[str]:
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     items = [s for s in items if s]
     if not items:
-        raise UsageError("--metrics is empty", fix=f"pass a comma-separated list of {','.join(METRIC_KEYS)}")
+        raise worded(UsageError, "{metrics} is empty", "pass a comma-separated list of {keys}", keys=",".join(METRIC_KEYS))
     for item in items:
         if item not in METRIC_KEYS:
             raise UsageError(f"unknown metric {item!r}", fix=f"use a comma-separated list of {','.join(METRIC_KEYS)}")
     if len(set(items)) != len(items):
-        raise UsageError(f"--metrics {','.join(items)} names a metric twice", fix="name each metric once")
+        raise worded(UsageError, "{metrics} {items} names a metric twice", "name each metric once", items=",".join(items))
     return items
 
 
@@ -142,8 +142,8 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     seen: dict[str, Path] = {}
     for run in runs:
         if run.name in seen:
-            raise UsageError(
-                f"two runs are named {run.name!r} ({seen[run.name]} and {run.source})", fix="pass --names a,b,... to tell them apart"
+            raise worded(UsageError,
+                "two runs are named {name!r} ({first} and {second})", "pass {names} a,b,... to tell them apart", name=run.name, first=seen[run.name], second=run.source
             )
         seen[run.name] = run.source
     return runs
@@ -320,7 +320,7 @@ def make_report(
     """The ``uniflow report`` command: check the output first (no wasted work), build, publish."""
     for run_dir in run_dirs:  # replacing out_dir must never remove a run (the README's `report . --out report/` is fine)
         if Path(out_dir).resolve() in (Path(run_dir).resolve(), *Path(run_dir).resolve().parents):
-            raise UsageError(f"--out {out_dir} is or contains the run {run_dir}", fix="write the report to its own directory, e.g. --out report/")
+            raise worded(UsageError, "{out} {path} is or contains the run {run}", "write the report to its own directory, e.g. {out} report/", path=out_dir, run=run_dir)
     check_writable_target(Path(out_dir), force=force, replaces=is_report_dir, kind="uniflow report directory")
     report = build_report(run_dirs, names=names, metrics=metrics)
     write_report(report, out_dir, force=force)

@@ -19,7 +19,7 @@ from uniflow_cli.data.partition import SCHEMES, even_sizes, label_entropy, label
 from uniflow_cli.data.schema import COLUMNS, MODALITIES
 from uniflow_cli.data.source import EITHER, TEST, TRAIN, Source
 from uniflow_cli.data.userdata import Columns
-from uniflow_cli.errors import ConfigError, DataError, UnsafeInputError, UsageError
+from uniflow_cli.errors import ConfigError, DataError, UnsafeInputError, UsageError, worded
 from uniflow_cli.paths import ID_RULE, check_id, overlap, read_regular
 
 FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ def plan_partition(request: PartitionRequest, sources: list[Source]) -> Plan:
             hint = {"image": "easy-vqa", "audio": "spoken-qa", "text": "text-qa"}[kind]
             raise UsageError(
                 f"--clients asks for {kind} clients but no {kind} dataset is given (have: {', '.join(present)})",
-                fix=f"add --dataset {hint} or drop {kind}:{count} from --clients",
+                fix=f"add --dataset {hint} or drop {kind}:{count} from --clients",  # (partition is a CLI-only command)
             )
         else:
             mods = [kind]
@@ -388,12 +388,12 @@ def partition(
     if Path(out).exists() and not force:  # existing data is an error before any work
         raise OutputExistsError(
             f"data directory {out} already exists (an earlier partition)",
-            fix="pass --force to replace it, or choose another --out/--workspace",
+            fix="replace it (--force), or choose another output directory",
         )
     for name in [*request.datasets, *request.allow_media_outside]:
         relation = overlap(out, name) if Path(name).exists() else None
         if relation in ("is", "contains"):  # replacing the output would delete the dataset it is made from
-            raise UsageError(f"--out {out} {relation} the dataset {name}", fix="write the partition to its own directory")
+            raise worded(UsageError, "{out} {path} {relation} the dataset {name}", "write the partition to its own directory", path=out, relation=relation, name=name)
     check_writable_target(Path(out), force=force, replaces=is_partition_dir, kind="uniflow partition (a directory with partition.json)")
     plan = plan_partition(request, resolve_sources(request))
     progress = progress_factory(plan.total_rows) if progress_factory else None
