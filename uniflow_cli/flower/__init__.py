@@ -3,11 +3,11 @@
 Optional extra (``pip install 'uniflow-cli[flower]'``). Pieces:
 
 * :mod:`.settings` — the run config (``[tool.flwr.app.config]``: method, rounds, tau, lambda, workspace,
-  preset, ...) as a validated dataclass;
+  preset, ...) as a validated dataclass, resolved over the workspace tables by ``uniflow_cli.settings``;
 * :mod:`.records` — adapters ↔ Flower ``ArrayRecord`` (float32 arrays, PEFT key names);
 * :mod:`.strategy` — :class:`UniflowFedAvg`, a ``FedAvg`` whose ``aggregate_train`` calls uniflow's
   aggregation core and publishes each round's global into the workspace;
-* :mod:`.client` — one client's round on a node (the shared core ``training.train_client_round``);
+* :mod:`.client` — one client's round on a node (the shared core ``client_round.train_client_round``);
 * :mod:`.server_app` / :mod:`.client_app` — the ``ServerApp`` / ``ClientApp`` objects Flower loads;
 * :mod:`.project` — writes a ready Flower app project (``uniflow flower new``).
 
