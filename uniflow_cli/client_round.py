@@ -86,8 +86,9 @@ def write_private_B(state_dir: Path, result: ClientRound) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: int, history: Sequence[tuple[int, Any]] = (),
                    private_B: Mapping[str, Any] | None = None, private_where: str = "client state",
-                   started_from: str | None = None) -> tuple[Any, list[int]]:
-    """(the model round ``round_`` trains, the earlier rounds folded into its base)."""
+                   started_from: str | None = None, dtype: Any = None) -> tuple[Any, list[int]]:
+    """(the model round ``round_`` trains, the earlier rounds folded into its base); ``dtype`` is the frozen
+    base's (None: float32), the LoRA and projectors stay float32."""
     from uniflow_cli.models import load_model, model_from_adapter
     from uniflow_cli.models.history import fold_history
     from uniflow_cli.models.lora import load_adapter_tensors, unwrap
@@ -95,13 +96,13 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
     if spec.merges_into_base and start.meta is not None and start.meta.round:
         # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
         # whose init is the same on every client (seeded by the round only).
-        model = load_model(settings, lora, seed=round_)
+        model = load_model(settings, lora, seed=round_, dtype=dtype)
         fp = start.meta.base_fingerprint
         if fp is not None and fp != unwrap(model).fingerprint:
             raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}",
                                             fix="use the model settings the global was made with")
     else:
-        model = model_from_adapter(settings, start, lora)
+        model = model_from_adapter(settings, start, lora, dtype=dtype)
     folded = fold_history(model, history, spec).rounds if spec.folds_history else []
     if spec.private_B and private_B:
         load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(B_SUFFIX)}, strict=False, where=private_where)
@@ -123,6 +124,8 @@ def train_client_round(
     private_where: str = "client state",
     total_rounds: int | None = None,
     started_from: str | None = None,
+    device: Any = "auto",
+    gradient_checkpointing: bool = False,
     on_step: Callable[[int, int, float, str], None] | None = None,
 ) -> ClientRound:
     """Build the starting model from the global ``start`` (a LoadedAdapter), train, return the upload.
@@ -130,28 +133,37 @@ def train_client_round(
     ``history`` is ``[(round, LoadedAdapter), ...]`` of the globals published in rounds 1..t (fedex folds
     their residuals, flora their merged LoRA into the base); ``private_B`` is FedSA's own B from the last
     round; ``method`` a name or a MethodSpec. ``settings``/``lora`` (ModelSettings, LoraSettings) are
-    recorded in the drop (``extra.settings``) so the server can carry them into the global."""
+    recorded in the drop (``extra.settings``) so the server can carry them into the global. The base is
+    loaded in ``cfg.precision``'s dtype and trained on ``device`` (a name or a ``torch.device``), with
+    ``gradient_checkpointing`` if asked; the uploaded tensors are float32 on the CPU, then ``cfg.dtype``."""
     import torch
 
-    from uniflow_cli.models import adapter_tensors, peft_config_dict
+    from uniflow_cli.compute import check_precision, precision_dtype, resolve_device
+    from uniflow_cli.models import adapter_tensors, enable_gradient_checkpointing, peft_config_dict
 
     spec = as_spec(method)
+    device = resolve_device(device)
+    check_precision(cfg.precision, device)  # before the model build: a wrong choice costs nothing
     model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private_B=private_B,
-                                   private_where=private_where, started_from=started_from)
+                                   private_where=private_where, started_from=started_from, dtype=precision_dtype(cfg.precision))
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     seed = mixed_seed(cfg.seed, round_, client_id or "0")
-    stats = train_loop(model, dataset, cfg, method=spec, seed=seed, round_=round_, total_rounds=total_rounds, on_step=on_step)
-    tensors = adapter_tensors(model)
+    stats = train_loop(model, dataset, cfg, method=spec, seed=seed, round_=round_, total_rounds=total_rounds, device=device, on_step=on_step)
+    tensors = adapter_tensors(model)  # detached float32 CPU copies, whatever the device and precision
     dtype = getattr(torch, cfg.dtype)
     shared = {k: v.to(dtype) for k, v in upload_tensors(spec, tensors).items()}
     upload_bytes = sum(v.numel() * v.element_size() for v in shared.values())
     meta = client_meta(cfg, stats, model, dataset, spec=spec, settings=settings, lora=lora, client_id=client_id, round_=round_,
-                       upload_bytes=upload_bytes, started_from=started_from, folded=folded)
+                       upload_bytes=upload_bytes, started_from=started_from, folded=folded, gradient_checkpointing=gradient_checkpointing)
     return ClientRound(shared, private_tensors(spec, tensors), peft_config_dict(model), meta, stats, upload_bytes, folded)
 
 
 def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any, *, spec: Any, settings: Any, lora: Any,
-                client_id: str | None, round_: int, upload_bytes: int, started_from: str | None, folded: list[int]) -> Any:
-    """The drop's ``uniflow.json``: who, which round, the training record and the model settings."""
+                client_id: str | None, round_: int, upload_bytes: int, started_from: str | None, folded: list[int],
+                gradient_checkpointing: bool = False) -> Any:
+    """The drop's ``uniflow.json``: who, which round, the training record (the settings, and where and how
+    it computed: device, precision, gradient checkpointing) and the model settings."""
     from uniflow_cli.adapters import AdapterMeta
     from uniflow_cli.global_info import settings_record
     from uniflow_cli.models.lora import unwrap
@@ -167,7 +179,7 @@ def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any,
         "upload_bytes": upload_bytes,
         "started_from": started_from,
         "folded_rounds": folded,
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "device": stats.device, "gradient_checkpointing": gradient_checkpointing},
     }
     return AdapterMeta(
         role="client",

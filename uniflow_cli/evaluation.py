@@ -11,13 +11,14 @@ Two layers, as everywhere in uniflow:
   :func:`evaluate_target` (metrics, the payload, the atomic write of the eval JSON).
 
 Determinism: the model runs in eval mode (no dropout), generation is greedy (no sampling) and the RNG
-is seeded inside a forked RNG state, so the same inputs give the same bytes.
+is seeded inside a forked RNG state, so the same inputs — device, precision and thread count included —
+give the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,24 @@ OnBatch = Callable[[int, int, str], None]  # (samples done, samples total, phase
 @dataclass(frozen=True)
 class EvalOptions:
     """How to score: greedy generation length, batch size, the first ``limit`` samples per modality (None:
-    all), and the BERTScore backbone (None: the embedded all-MiniLM-L6-v2) and layer (None: its default)."""
+    all), the BERTScore backbone (None: the embedded all-MiniLM-L6-v2) and layer (None: its default), and
+    where and how the model computes: ``device`` (``auto | cpu | cuda[:N] | mps``) and ``precision``
+    (``fp32 | bf16 | fp16``: the base's dtype and the autocast; None: the workspace's ``[train]``
+    precision, else fp32)."""
 
     max_new_tokens: int = 16
     batch_size: int = 8
     limit: int | None = None
     bertscore_model: Path | None = None
     bertscore_layers: int | None = None
+    device: str = "auto"
+    precision: str | None = None
 
     def __post_init__(self) -> None:
+        from uniflow_cli.compute import check_precision_name
+
+        if self.precision is not None:
+            check_precision_name(self.precision)
         if self.max_new_tokens < 1:
             raise ConfigError.invalid("max_new_tokens", self.max_new_tokens, "must be >= 1", example=16)
         if self.batch_size < 1:
@@ -94,12 +104,17 @@ def _checked_groups(model: Any, datasets_by_modality: Mapping[str, Any], limit: 
 
 
 def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None, seed: int) -> list[dict[str, Any]]:
-    """Per-sample records: teacher-forced token counts and the greedy prediction, batch by batch."""
+    """Per-sample records: teacher-forced token counts and the greedy prediction, batch by batch, on
+    ``options.device`` under ``options.precision``'s autocast (None: fp32)."""
     import torch
 
+    from uniflow_cli.compute import autocast, check_precision, resolve_device, to_device
     from uniflow_cli.metrics import token_accuracy
     from uniflow_cli.models import collate
 
+    device, precision = resolve_device(options.device), options.precision or "fp32"
+    check_precision(precision, device)
+    model.to(device)
     total, done = sum(len(rows) for rows in groups.values()), 0
     records: list[dict[str, Any]] = []
     model.eval()  # dropout off: evaluation must not depend on the RNG
@@ -108,12 +123,12 @@ def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: E
         for modality, rows in groups.items():
             for start in range(0, len(rows), options.batch_size):
                 chunk = rows[start : start + options.batch_size]
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast(device, precision):
                     batch = collate(chunk, model, train=True)
-                    logits, labels = model(batch).logits, batch["labels"]
+                    logits, labels = model(to_device(batch, device)).logits.float().cpu(), batch["labels"]
                     counts = [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(len(chunk))]
                     prompts = collate(chunk, model, train=False)
-                    predictions = model.generate(prompts, max_new_tokens=options.max_new_tokens)
+                    predictions = model.generate(to_device(prompts, device), max_new_tokens=options.max_new_tokens)
                 cut = [a or b for a, b in zip(batch["truncated"], prompts["truncated"])]
                 for row, (correct, n_tokens), prediction, was_cut in zip(chunk, counts, predictions, cut):
                     records.append({
@@ -183,10 +198,10 @@ class BuiltModel:
     notices: list[str] = field(default_factory=list)
 
 
-def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = None) -> BuiltModel:
-    """The model ``target`` describes: its base (fingerprint-checked against every adapter first), rounds
-    1..T-1 folded into the base (FedEx residuals, FLoRA merges: :func:`~uniflow_cli.models.history.fold_history`),
-    then round T's LoRA loaded and its own residual added."""
+def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = None, dtype: Any = None) -> BuiltModel:
+    """The model ``target`` describes: its base (fingerprint-checked against every adapter first; loaded in
+    ``dtype``, None: float32), rounds 1..T-1 folded into the base (FedEx residuals, FLoRA merges:
+    :func:`~uniflow_cli.models.history.fold_history`), then round T's LoRA loaded and its own residual added."""
     from uniflow_cli.models import base_fingerprint, load_model, model_from_adapter
     from uniflow_cli.models.history import fold_history
 
@@ -197,9 +212,9 @@ def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = 
         check_fingerprint(loaded, fingerprint)
     status("building the model")
     if target.final is None:
-        model = load_model(target.model, target.lora, 0, progress=status)
+        model = load_model(target.model, target.lora, 0, progress=status, dtype=dtype)
     else:
-        model = model_from_adapter(target.model, target.final, target.lora, progress=status)
+        model = model_from_adapter(target.model, target.final, target.lora, progress=status, dtype=dtype)
     folded = fold_history(model, target.chain, target.spec)
     if target.final is not None:  # its LoRA pairs are loaded as LoRA, not merged; only its residual goes to the base
         fold_history(model, [(target.round or 0, target.final)], target.spec, merge=False, into=folded)
@@ -213,6 +228,7 @@ def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = 
 
 def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions, *, on_batch: OnBatch | None = None) -> EvalResult:
     """Score ``built`` on ``target``'s samples and write the eval JSON; the notices say what was assembled."""
+    from uniflow_cli.compute import resolve_device
     from uniflow_cli.evaluation_io import build_eval_payload, write_eval_json
     from uniflow_cli.metrics import DEFAULT_BERTSCORE_MODEL, resolve_bertscore_model
     from uniflow_cli.models.lora import unwrap
@@ -237,6 +253,8 @@ def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions,
             "bertscore": {"model": DEFAULT_BERTSCORE_MODEL if options.bertscore_model is None else str(bs_dir), "num_layers": bs_layers},
             "data": target.source,
             "max_length": max_length,
+            "device": str(resolve_device(options.device)),
+            "precision": options.precision or "fp32",
         },
         metrics=metrics,
         samples={m: [{k: rec[k] for k in keep} for rec in recs[:SAMPLES_IN_JSON]] for m, recs in records.items()},
@@ -256,13 +274,25 @@ def run_evaluate(
 ) -> EvalResult:
     """The whole ``uniflow evaluate`` (see :class:`~uniflow_cli.eval_target.EvalRequest` for the modes); returns
     the written payload. Every check runs before the model build; the output is refused before any work."""
+    from uniflow_cli.compute import check_precision, precision_dtype, resolve_device
     from uniflow_cli.metrics import resolve_bertscore_model
 
     options = options or EvalOptions()
     resolve_bertscore_model(options.bertscore_model, options.bertscore_layers)  # a bad backbone fails first
+    device = resolve_device(options.device)
     target = resolve_target(request)
-    built = build_model(target, progress=on_status)
+    options = replace(options, device=str(device), precision=options.precision or train_precision(target.workspace))
+    check_precision(options.precision, device)
+    built = build_model(target, progress=on_status, dtype=precision_dtype(options.precision))
     return evaluate_target(target, built, options, on_batch=on_batch)
+
+
+def train_precision(workspace: Any) -> str:
+    """The precision a workspace trains in (its ``[train]`` precision; fp32 without a workspace): evaluating
+    in the same one measures the model the clients trained, at the memory they needed."""
+    from uniflow_cli.settings import resolve_train
+
+    return resolve_train(workspace).precision if workspace is not None else "fp32"
 
 
 __all__ = ["BuiltModel", "EvalOptions", "EvalRequest", "EvalResult", "EvalTarget", "build_model", "evaluate_model", "evaluate_target",

@@ -261,6 +261,8 @@ def run_local_train(
     wait: bool = False,
     timeout: float = 600.0,
     poll: float = 2.0,
+    device: Any = "auto",
+    gradient_checkpointing: bool = False,
     on_step: StepHook | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> LocalTrainOutcome:
@@ -268,17 +270,21 @@ def run_local_train(
 
     ``cfg`` is used as given; without it the training settings are ``overrides`` (field → value, None = not
     given) over the target workspace's ``[train]`` (explicit mode without ``workspace``: the built-in
-    defaults). Nothing is published on error."""
+    defaults). ``device`` (``auto | cpu | cuda[:N] | mps``) and ``gradient_checkpointing`` belong to this
+    machine, not to the experiment's settings. Nothing is published on error."""
     from uniflow_cli.atomic import check_writable_target
     from uniflow_cli.adapters import is_adapter_of_role
+    from uniflow_cli.compute import check_precision, resolve_device
     from uniflow_cli.federation import check_wait_options
 
     check_wait_options(timeout, poll)
+    device = resolve_device(device)  # first: a machine without the device learns it before any reading or waiting
     target = resolve_target(client=client, workspace=workspace, global_dir=global_dir, data_dir=data_dir, out=out, round_=round_,
                             state_dir=state_dir, wait=wait)
     cfg = cfg if cfg is not None else resolve_train(target.ws, overrides)
     if cfg.stage_by == "round" and cfg.stages in ("two-stage", "reverse") and total_rounds is None:
         raise worded(UsageError, "staging by round needs {total_rounds} (the number of rounds R)", fix="give {total_rounds} R")
+    check_precision(cfg.precision, device)
     await_global(target, wait=wait, timeout=timeout, poll=poll, on_wait=on_wait)
     check_apart(target, method)
     check_writable_target(target.out, force=force, replaces=lambda p: is_adapter_of_role(p, "client"), kind="uniflow client adapter")
@@ -286,7 +292,8 @@ def run_local_train(
     result = train_client_round(
         inputs.cfg, inputs.start, inputs.dataset, inputs.model, inputs.lora, method=inputs.spec, client_id=inputs.client_id,
         round_=target.round, history=inputs.history, private_B=inputs.private_B, private_where=str(target.state_dir or "client state"),
-        total_rounds=total_rounds, started_from=_recorded_path(target.ws, target.global_dir), on_step=on_step,
+        total_rounds=total_rounds, started_from=_recorded_path(target.ws, target.global_dir), device=device,
+        gradient_checkpointing=gradient_checkpointing, on_step=on_step,
     )
     return publish(target, inputs, result, force=force)
 

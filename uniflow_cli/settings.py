@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from uniflow_cli.compute import PRECISIONS, check_precision_name  # noqa: F401  (PRECISIONS: re-exported; torch-free)
 from uniflow_cli.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,7 +131,10 @@ class TrainSettings:
 
     ``steps`` optimizer steps per round, or ``epochs`` passes over the shard instead (give one; an
     ``epochs`` given where ``steps`` is only inherited wins, see :func:`resolve_train`). ``dtype`` is the
-    storage dtype of the uploaded tensors. Every field can be set in the table or overridden per run.
+    storage dtype of the uploaded tensors; ``precision`` (fp32 | bf16 | fp16) the dtype the frozen base is
+    loaded in and the autocast training runs under (LoRA, projectors and the optimizer stay float32). The
+    device is no setting here: it belongs to each machine (``--device``, a run-config key). Every field can
+    be set in the table or overridden per run.
     """
 
     SECTION: ClassVar[str] = "train"
@@ -149,6 +153,7 @@ class TrainSettings:
     stages: str = "two-stage"
     stage_by: str = "step"
     dtype: str = "float32"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -183,6 +188,7 @@ class TrainSettings:
             raise ConfigError.invalid("stage_by", self.stage_by, "is not step|round", example="step")
         if self.dtype not in UPLOAD_DTYPES:
             raise ConfigError.invalid("dtype", self.dtype, f"is not {'|'.join(UPLOAD_DTYPES)}", example="float32")
+        check_precision_name(self.precision)
 
 
 RIDGE_MODES = ("auto", "always", "never")

@@ -41,6 +41,7 @@ class TrainStats:
     tokens: int = 0
     truncated: int = 0  # examples cut to max_length tokens (each counted once, however often drawn)
     max_length: int | None = None  # the token budget used (cfg.max_length, else the model's default)
+    device: str = "cpu"  # where it trained (recorded: the device is part of "same inputs, same bytes")
 
     @property
     def first_loss(self) -> float | None:
@@ -74,10 +75,15 @@ def _draws(n: int, batch_size: int, generator: Any) -> Iterator[list[int]]:
 
 
 def _accumulated_loss(model: Any, dataset: Any, draws: Iterator[list[int]], cfg: TrainSettings, stats: TrainStats, cut: set[int],
-                      step: int, stage: str) -> float:
-    """Forward/backward ``cfg.grad_accum`` micro-batches (gradients summed, scaled by 1/grad_accum); their mean loss."""
+                      step: int, stage: str, *, device: Any, scaler: Any) -> float:
+    """Forward/backward ``cfg.grad_accum`` micro-batches (gradients summed, scaled by 1/grad_accum); their mean loss.
+
+    The forward runs under ``cfg.precision``'s autocast and computes the LM head on answer positions only
+    (``full_logits=False``: the loss of Eq. 6 is the same, the 49k-vocabulary head costs a fraction); the
+    backward runs outside autocast, as torch recommends, through fp16's grad scaler when there is one."""
     import torch
 
+    from uniflow_cli.compute import autocast, to_device
     from uniflow_cli.models import collate
 
     step_loss = 0.0
@@ -87,13 +93,15 @@ def _accumulated_loss(model: Any, dataset: Any, draws: Iterator[list[int]], cfg:
         cut.update(i for i, was_cut in zip(picks, batch["truncated"]) if was_cut)
         stats.truncated = len(cut)
         stats.tokens += int(batch["attention_mask"].sum())
-        loss = model(batch).loss
+        with autocast(device, cfg.precision):
+            loss = model(to_device(batch, device), full_logits=False).loss
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss {float(loss.detach())} at step {step + 1} ({stage} stage)", fix="lower the learning rate (lr); nothing was published"
             )
         if loss.requires_grad:
-            (loss / cfg.grad_accum).backward()
+            scaled = loss.float() / cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         # else: nothing this stage trains is on the batch's path (e.g. a text-only batch in stage I,
         # which uses no encoder): the step leaves every parameter unchanged.
         step_loss += float(loss.detach()) / cfg.grad_accum
@@ -110,15 +118,19 @@ def train_loop(
     seed: int,
     round_: int = 1,
     total_rounds: int | None = None,
+    device: Any = None,
     on_step: Callable[[int, int, float, str], None] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on ``dataset``: AdamW, :func:`~uniflow_cli.schedule.lr_factor`, clipping, seeded order.
 
     ``method`` is a method name or its :class:`~uniflow_cli.aggregation.registry.MethodSpec`. Sequences are
     cut to ``cfg.max_length`` tokens (None: the model's default) while they are tokenised, so one huge
-    sample cannot blow up the batch; the examples cut are counted in ``TrainStats.truncated``."""
+    sample cannot blow up the batch; the examples cut are counted in ``TrainStats.truncated``. The model is
+    moved to ``device`` (a ``torch.device`` or a name for :func:`~uniflow_cli.compute.resolve_device`; None:
+    where it is) and trained under ``cfg.precision``'s autocast (fp16: with a grad scaler, CUDA only)."""
     import torch
 
+    from uniflow_cli.compute import check_precision, grad_scaler, module_device, resolve_device
     from uniflow_cli.models import set_trainable_stage
     from uniflow_cli.models.lora import unwrap
 
@@ -126,6 +138,10 @@ def train_loop(
     n = len(dataset)
     if n == 0:
         raise TrainingError("the client's shard is empty", fix="re-run 'uniflow partition' with more data per client")
+    device = module_device(model) if device is None else resolve_device(device)
+    check_precision(cfg.precision, device)
+    model.to(device)
+    scaler = grad_scaler(device, cfg.precision)
     steps = total_steps_for(cfg, n)
     plan = stage_plan(steps, cfg, round_=round_, total_rounds=total_rounds)
     torch.manual_seed(seed)
@@ -141,7 +157,7 @@ def train_loop(
     warmup = warmup_steps(cfg, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup))
     stats = TrainStats(num_examples=n, steps=steps, steps_per_stage={s: plan.count(s) for s in sorted(set(plan))},
-                       max_length=cfg.max_length if cfg.max_length is not None else unwrap(model).max_length)
+                       max_length=cfg.max_length if cfg.max_length is not None else unwrap(model).max_length, device=str(device))
     cut: set[int] = set()
     model.train()
     current = None
@@ -152,10 +168,18 @@ def train_loop(
             set_trainable_stage(model, current)
             freeze_for_method(model, spec)
         trainable = [p for p in params if p.requires_grad]
-        step_loss = _accumulated_loss(model, dataset, draws, cfg, stats, cut, step, current)
-        if trainable:
+        step_loss = _accumulated_loss(model, dataset, draws, cfg, stats, cut, step, current, device=device, scaler=scaler)
+        # fp16's scaler refuses a step without gradients (it has no inf checks then): such a step goes the
+        # plain way, where AdamW leaves every parameter without a gradient untouched.
+        if scaler is not None and any(p.grad is not None for p in trainable):
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
+            scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            scaler.update()
+        else:
+            if trainable:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stats.losses.append(step_loss)

@@ -10,7 +10,9 @@ import typer
 from uniflow_cli.cli.examples import Example, epilog
 from uniflow_cli.cli.options import (
     BATCH_SIZE_FLAGS,
+    DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     DATA_FLAGS,
     LIMIT_FLAGS,
     OUT_FLAGS,
@@ -38,6 +40,7 @@ EXAMPLES: list[Example] = [
     ("only some test splits, on purpose (otherwise every split data/partition.json lists must be there)",
      "uniflow evaluate --round 3 --modalities image,text"),
     ("quick look: 20 samples per modality, short answers", "uniflow evaluate --round 2 --limit 20 --max-new-tokens 8 --out /tmp/r2.json"),
+    ("on a GPU in bf16 (default: the device auto-detected, the workspace's [train] precision)", "uniflow evaluate --round 2 --device cuda --precision bf16"),
 ]
 EPILOG = epilog(EXAMPLES, [
     "Writes eval/round-<T>.json (workspace) or --out FILE: Acc (teacher-forced token accuracy), EM, BLEU, ROUGE-L and BERTScore "
@@ -81,6 +84,8 @@ def evaluate(
         typer.Option("--modalities", help="Evaluate only these modalities, comma-separated (default: every test split; "
                      "a split data/partition.json lists must then be present).", show_default=False),
     ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
     out: Annotated[
         Optional[Path], typer.Option(*OUT_FLAGS, help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
@@ -90,7 +95,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a global adapter: token accuracy, EM, BLEU, ROUGE-L and BERTScore per modality."""
-    from uniflow_cli.cli.local_train import set_threads
+    from uniflow_cli.compute import set_threads
     from uniflow_cli.eval_target import EvalRequest
     from uniflow_cli.evaluation import EvalOptions
 
@@ -98,7 +103,7 @@ def evaluate(
     request = EvalRequest(workspace=workspace, round=round, base=base, adapter=adapter, data=tuple(data or ()), preset=preset, out=out,
                           force=force, client=client, modalities=None if modalities is None else modalities.split(","))
     options = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, bertscore_model=bertscore_model,
-                          bertscore_layers=bertscore_layers)
+                          bertscore_layers=bertscore_layers, device=device, precision=precision)
     result = _run(request, options)
     if as_json:
         from uniflow_cli.cli.console import notice, print_json

@@ -9,8 +9,8 @@ import typer
 
 from uniflow_cli.cli.examples import epilog
 from uniflow_cli.cli.options import (
-    BATCH_SIZE_FLAGS, DATA_FLAGS, OUT_FLAGS, ClientOpt, DtypeOpt, ForceOpt, JsonOpt, RoundOpt, SeedOpt, TauOpt, ThreadsOpt, WorkspaceOpt,
-    method_option, preset_option,
+    BATCH_SIZE_FLAGS, DATA_FLAGS, OUT_FLAGS, ClientOpt, DeviceOpt, DtypeOpt, ForceOpt, GradientCheckpointingOpt, JsonOpt, PrecisionOpt,
+    RoundOpt, SeedOpt, TauOpt, ThreadsOpt, WorkspaceOpt, method_option, preset_option,
 )
 
 EXAMPLES = [
@@ -21,21 +21,10 @@ EXAMPLES = [
     ("the paper's ablations", "uniflow local-train --client 0 --stages joint"),
     ("", "uniflow local-train --client 0 --stage-by round --total-rounds 10 --stage-tau 0.5"),
     ("a client on shared storage: wait for each round's global", "uniflow local-train --client 3 --wait --timeout 3600"),
+    ("a GPU (or the CPU) in bf16, with less memory for the activations",
+     "uniflow local-train --client 3 --device cuda --precision bf16 --gradient-checkpointing"),
 ]
 EPILOG = epilog(EXAMPLES, ["Flags not given fall back to the workspace's [train] table, then to the built-in defaults."])
-
-
-def set_threads(threads: int | None) -> None:
-    """``--threads N`` (shared with evaluate): a bad count is one line, not torch's RuntimeError."""
-    if threads is None:
-        return
-    if threads < 1:
-        from uniflow_cli.errors import UsageError
-
-        raise UsageError(f"--threads {threads} must be >= 1", fix="use --threads 1 or more (or omit it: torch picks)")
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # Long only by its signature: one Typer parameter per option; the body is parse → one library call → print.
@@ -56,6 +45,9 @@ def local_train(
                           "if it would leave the answer under a quarter); the summary counts the cut examples.", show_default=False)] = None,
     seed: SeedOpt = None,
     dtype: DtypeOpt = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = "auto",
+    gradient_checkpointing: GradientCheckpointingOpt = False,
     threads: ThreadsOpt = None,
     method: Annotated[Optional[str], method_option("Override the method recorded in the global:", show_default=False)] = None,
     round_: RoundOpt = None,
@@ -76,20 +68,22 @@ def local_train(
     from uniflow_cli.cli.console import err, print_json
     from uniflow_cli.cli.console import out as stdout
     from uniflow_cli.cli.render import human_bytes
+    from uniflow_cli.compute import set_threads
     from uniflow_cli.local_train import run_local_train
 
-    set_threads(threads)
+    set_threads(threads)  # None: $UNIFLOW_THREADS, else $OMP_NUM_THREADS, else this process's physical cores
     # Flags not given stay None: the library puts them over the workspace's [train] table (explicit mode
     # without --workspace: over the built-in defaults), so every [train] value a flag leaves alone counts.
     overrides = {"tau": stage_tau, "steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                 "weight_decay": weight_decay, "max_length": max_length, "seed": seed, "stages": stages, "stage_by": stage_by, "dtype": dtype}
+                 "weight_decay": weight_decay, "max_length": max_length, "seed": seed, "stages": stages, "stage_by": stage_by, "dtype": dtype,
+                 "precision": precision}
     with Progress(TextColumn("[bold]local-train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as progress:
         task = progress.add_task(f"client {client or ''}", total=None, loss="-")
         outcome = run_local_train(
             overrides=overrides, client=client, workspace=workspace, global_dir=global_dir, data_dir=data_dir, out=out, method=method,
-            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state_dir, force=force,
-            wait=wait, timeout=timeout, on_wait=lambda message: progress.update(task, description=message),
+            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state_dir, force=force, device=device,
+            gradient_checkpointing=gradient_checkpointing, wait=wait, timeout=timeout, on_wait=lambda message: progress.update(task, description=message),
             on_step=lambda done, total, loss, stage: progress.update(task, completed=done, total=total, loss=f"{loss:.4f} ({stage})"),
         )
     if as_json:

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from uniflow_cli.aggregation.registry import DEFAULT_METHOD, METHOD_NAMES
+from uniflow_cli.compute import DEVICES, PRECISIONS  # torch-free
 from uniflow_cli.settings import UPLOAD_DTYPES
 
 # The spellings, one place each (tests check every command against the table above).
@@ -110,5 +111,18 @@ DatasetOpt = Annotated[
 ]
 DataDirOpt = Annotated[Optional[Path], typer.Option(*DATA_FLAGS, help="A partitioned data directory (a client shard or a test split).", show_default=False)]
 # No min=1 here: set_threads says "--threads 0 must be >= 1" with a fix, better than click's range message.
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1).", show_default=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (>= 1; default: $UNIFLOW_THREADS, else "
+                                                   "$OMP_NUM_THREADS, else the physical cores this process may use).", show_default=False)]
 LimitOpt = Annotated[Optional[int], typer.Option(*LIMIT_FLAGS, min=1, help="Only the first N samples (default: all).", show_default=False)]
+# Where and how the model computes (uniflow_cli.compute). The device is a flag only, never a [train] key:
+# it belongs to the machine, not to the experiment. No choices list here: compute's one-line errors say
+# more than click's (which device is missing, and why).
+DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where the model computes: {' | '.join(DEVICES)} (auto: CUDA if present, else MPS, else the CPU).")]
+PrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--precision", help=f"{' | '.join(PRECISIONS)}: the dtype the frozen base is loaded in and autocast runs under; LoRA, "
+                 "projectors and the optimizer stay float32; fp16 only on CUDA (default: the \\[train] precision, else fp32).", show_default=False),
+]
+GradientCheckpointingOpt = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Recompute the LLM's and encoders' activations in the backward pass: less memory, more time.")
+]

@@ -76,10 +76,23 @@ def node_history(ws: Any, client: str, received: ReceivedGlobal) -> list[tuple[i
     return history
 
 
+def node_device(settings: FlowerRunSettings, node_config: Mapping[str, Any]) -> Any:
+    """The torch device this node trains on (:meth:`FlowerRunSettings.device_name`); a bad or absent device
+    is one line naming the node-config or run-config key it came from."""
+    from uniflow_cli.compute import resolve_device
+
+    try:
+        return resolve_device(settings.device_name(node_config))
+    except ConfigError as exc:
+        raise exc.renamed("node-config device" if node_config.get("device") else "run-config device", style="key") from None
+
+
 def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """Train this node's shard from the global in ``content``; return the reply's RecordDict."""
     from uniflow_cli.client_round import read_private_B, train_client_round, write_private_B
+    from uniflow_cli.compute import check_precision
     from uniflow_cli.data.build import load_split
+    from uniflow_cli.flower.settings import in_run_config_terms
     from uniflow_cli.settings import LoraSettings, resolve, resolve_model
     from uniflow_cli.workspace import find_workspace
 
@@ -97,12 +110,14 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
     if settings.preset and model_settings.preset != settings.preset:
         raise ConfigError(f"run-config preset={settings.preset!r} but {ws.config_path} uses {model_settings.preset!r}", fix="make them agree (or set preset = '')")
     cfg = train_config_for(settings, ws)
+    device = node_device(settings, node_config)
+    in_run_config_terms(lambda: check_precision(cfg.precision, device))  # before the model build
     dataset = load_split(ws.client_data(client))
     state = ws.client_state(client)
     result = train_client_round(
         cfg, start, dataset, model_settings, resolve(LoraSettings, ws), method=method, client_id=client, round_=t + 1,
         history=history, private_B=read_private_B(state, method), private_where=str(state), total_rounds=settings.num_server_rounds,
-        started_from=f"flower global of round {t}",
+        started_from=f"flower global of round {t}", device=device, gradient_checkpointing=bool(settings.gradient_checkpointing),
     )
     write_private_B(state, result)  # FedSA: the client's own B stays on this node for its next round
     stats = result.stats

@@ -56,7 +56,7 @@ def evaluation_hook(settings: FlowerRunSettings, workspace: Any, inner: UniflowF
             return None
         from uniflow_cli.evaluation import EvalOptions, EvalRequest, run_evaluate
 
-        result = run_evaluate(EvalRequest(workspace=workspace, round=t), EvalOptions(limit=settings.eval_limit or None))
+        result = run_evaluate(EvalRequest(workspace=workspace, round=t), EvalOptions(limit=settings.eval_limit or None, device=settings.device_name(), precision=settings.precision or None))
         flat: dict[str, float] = {}
         for modality, values in result.payload["metrics"].items():
             for name, value in values.items():

@@ -35,6 +35,9 @@ RUN_CONFIG_KEYS = {
     "seed": "seed",
     "stages": "stages",
     "stage-by": "stage_by",
+    "precision": "precision",
+    "device": "device",
+    "gradient-checkpointing": "gradient_checkpointing",
     "fraction-train": "fraction_train",
     "min-train-nodes": "min_train_nodes",
     "min-available-nodes": "min_available_nodes",
@@ -82,6 +85,12 @@ class FlowerRunSettings:
     seed: int | None = None
     stages: str = ""  # "" = the workspace's [train] stages (default two-stage)
     stage_by: str = ""  # "" = the workspace's [train] stage_by (default step)
+    # Compute (uniflow_cli.compute). None = not given, like a flag left out: precision then comes from
+    # [train], the device is "auto" (each node picks its own: a node's --node-config "device='cuda:1'" wins),
+    # gradient checkpointing is off.
+    precision: str | None = None
+    device: str | None = None
+    gradient_checkpointing: bool | None = None
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
@@ -137,7 +146,7 @@ class FlowerRunSettings:
                 raise ConfigError(f"run-config {key}={value!r} must be a number", fix=f"e.g. {key}=0.25")
             if kind.startswith("str") and not isinstance(value, str):
                 raise ConfigError(f"run-config {key}={value!r} must be a string", fix=f"quote it: {key}='...'")
-            if kind == "bool" and not isinstance(value, bool):
+            if kind.split(" |")[0] == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"run-config {key}={value!r} must be true or false", fix=f"{key}=true")
             values[name] = float(value) if "float" in kind and not isinstance(value, bool) else value
         return cls(**values)
@@ -150,7 +159,13 @@ class FlowerRunSettings:
         """What the run config sets of ``[train]`` (None = the workspace's table decides). Uploads travel in
         float32 ArrayRecords, so ``dtype`` is fixed."""
         return {"tau": self.tau, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                "stages": self.stages or None, "stage_by": self.stage_by or None, "dtype": "float32"}
+                "stages": self.stages or None, "stage_by": self.stage_by or None, "dtype": "float32", "precision": self.precision or None}
+
+    def device_name(self, node_config: Mapping[str, Any] | None = None) -> str:
+        """The device this node trains on: its node config's ``device`` (the device belongs to the machine),
+        else the run config's, else ``auto``."""
+        override = (node_config or {}).get("device")
+        return str(override) if override else (self.device or "auto")
 
     def workspace_path(self, node_config: Mapping[str, Any] | None = None) -> Path:
         """A node may keep its own copy of the workspace (``--node-config "workspace='/srv/fed'"``)."""

@@ -6,6 +6,9 @@ Public API (import from here; heavy libraries load lazily)::
     model = load_model(settings, LoraSettings(r=8), seed=0)  # PeftModel around a UniflowModel
     batch = collate(samples, model)                         # samples: dicts, see multimodal.py
     loss = model(batch).loss                                # Eq. 6, answer tokens only
+    loss = model(batch, full_logits=False).loss             # same loss, LM head only on answer positions
+    model = load_model(settings, lora, dtype=torch.bfloat16) # frozen base in bf16; LoRA + projectors float32
+    enable_gradient_checkpointing(model)                     # LLM and encoders, non-reentrant
     set_trainable_stage(model, "encoder")                   # | "llm" | "both" (Eq. 7)
     texts = model.generate(collate(samples, model, train=False), max_new_tokens=16)
     tensors, cfg = adapter_tensors(model), peft_config_dict(model)   # → adapters.write_adapter
@@ -21,6 +24,8 @@ from uniflow_cli.models.presets import Progress, base_fingerprint, cache_status,
 from uniflow_cli.models.settings import MODALITIES, POOLS, PRESETS, ModelSettings, PromptSettings
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from uniflow_cli.settings import LoraSettings
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "cache_status",
     "check_compatible",
     "collate",
+    "enable_gradient_checkpointing",
     "load_adapter_tensors",
     "load_model",
     "model_from_adapter",
@@ -52,9 +58,13 @@ def _settings(model_cfg: Any) -> ModelSettings:
     return ModelSettings.from_dict(model_cfg)
 
 
-def build_base(model_cfg: ModelSettings | dict[str, Any], seed: int = 0, *, progress: Progress | None = None) -> Any:
+def build_base(
+    model_cfg: ModelSettings | dict[str, Any], seed: int = 0, *, progress: Progress | None = None, dtype: torch.dtype | None = None
+) -> Any:
     """A :class:`UniflowModel` without LoRA: frozen base + projectors initialised from ``seed``.
 
+    ``dtype`` (None = float32) is the dtype of the frozen LLM and encoders, loaded straight into it; the
+    projectors are float32 whatever it is, with the same initial values. The fingerprint ignores it.
     This is also the ``base`` for ``peft.PeftModel.from_pretrained(base, adapter_dir)``.
     """
     import torch
@@ -63,35 +73,73 @@ def build_base(model_cfg: ModelSettings | dict[str, Any], seed: int = 0, *, prog
     from uniflow_cli.models.presets import load_parts
 
     settings = _settings(model_cfg)
-    parts = load_parts(settings, progress=progress)
+    parts = load_parts(settings, progress=progress, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UniflowModel(parts.llm, parts.tokenizer, parts.encoders, settings, parts.fingerprint)
 
 
-def load_model(model_cfg: ModelSettings | dict[str, Any], lora_cfg: LoraSettings, seed: int = 0, *, progress: Progress | None = None) -> Any:
+def load_model(
+    model_cfg: ModelSettings | dict[str, Any],
+    lora_cfg: LoraSettings,
+    seed: int = 0,
+    *,
+    progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
     """The UniflowModel wrapped by PEFT with LoRA in the encoders and the LLM (all trainable: stage ``both``).
 
-    Same settings and seed give bit-identical initial adapter tensors.
+    ``dtype``: the frozen base's (see :func:`build_base`); LoRA weights stay float32. Same settings and
+    seed give bit-identical initial adapter tensors, in any ``dtype``.
     """
     from uniflow_cli.models.lora import add_lora
 
-    return add_lora(build_base(model_cfg, seed, progress=progress), lora_cfg, seed)
+    return add_lora(build_base(model_cfg, seed, progress=progress, dtype=dtype), lora_cfg, seed)
 
 
-def model_from_adapter(model_cfg: ModelSettings | dict[str, Any], adapter: Any, lora_defaults: LoraSettings | None = None, *, progress: Progress | None = None) -> Any:
+def model_from_adapter(
+    model_cfg: ModelSettings | dict[str, Any],
+    adapter: Any,
+    lora_defaults: LoraSettings | None = None,
+    *,
+    progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
     """Build the model for a loaded adapter (``adapters.read_adapter(...)``) and load its tensors.
 
-    Refuses an adapter whose ``base_fingerprint`` differs from this base's.
+    Refuses an adapter whose ``base_fingerprint`` differs from this base's. ``dtype``: the frozen base's
+    (the adapter's tensors load into float32 LoRA weights unchanged).
     """
     from uniflow_cli.models.lora import check_compatible, load_adapter_tensors, lora_settings_from_peft
 
-    model = load_model(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress)
+    model = load_model(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress, dtype=dtype)
     fingerprint = adapter.meta.base_fingerprint if adapter.meta is not None else None
     where = str(adapter.path) if adapter.path is not None else "adapter"
     check_compatible(model, adapter.peft_config, fingerprint=fingerprint, where=where)
     load_adapter_tensors(model, adapter.tensors, strict=False, where=where)
     return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass instead of storing them: the LLM and every encoder whose
+    architecture supports it (a plain or PEFT-wrapped UniflowModel).
+
+    Non-reentrant checkpointing: gradients reach LoRA weights inside a checkpointed layer even when the
+    layer's inputs need no gradient (stage II's text embeddings, stage I's frozen pixels), so no input has
+    to be made to require grad. Active only while the model is in training mode (HF's rule).
+    """
+    from uniflow_cli.models.multimodal import unwrap
+
+    kwargs = {"use_reentrant": False}
+    base = unwrap(model)
+    for module in [base.llm, *base.encoders.values()]:
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            continue  # e.g. a custom encoder family without HF's checkpointing hooks: it runs as before
+        enable = getattr(module, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.x name; gradient_checkpointing_enable is its deprecated alias
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -100,7 +148,7 @@ def __getattr__(name: str) -> Any:
         from uniflow_cli.models import lora
 
         return getattr(lora, name)
-    if name in ("collate", "UniflowModel", "Collator", "pool", "unwrap"):
+    if name in ("collate", "UniflowModel", "Collator", "AnswerOutput", "pool", "unwrap"):
         from uniflow_cli.models import multimodal
 
         return getattr(multimodal, name)

@@ -19,9 +19,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uniflow_cli.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,7 +139,8 @@ def cut_whisper_positions(encoder: Any, max_seconds: float) -> Any:
     config.max_source_positions = positions
     encoder.config = config
     encoder.max_source_positions = positions
-    table = torch.nn.Embedding(positions, encoder.embed_positions.weight.shape[1])
+    # In the table's own dtype, so a bfloat16 encoder stays bfloat16 throughout.
+    table = torch.nn.Embedding(positions, encoder.embed_positions.weight.shape[1], dtype=encoder.embed_positions.weight.dtype)
     table.weight.data.copy_(encoder.embed_positions.weight.data[:positions])
     table.requires_grad_(False)
     encoder.embed_positions = table
@@ -157,11 +161,19 @@ def check_hf_dir(path: str | Path, role: str) -> Path:
     return p
 
 
-def load_vision_dir(path: Path, image_size: int) -> VisionEncoder:
-    """Any local HF vision model that AutoModel loads (DINOv2, ViT, CLIP/SigLIP: their vision tower)."""
+def _from_pretrained(auto: Any, path: Path, dtype: torch.dtype | None) -> Any:
+    """``auto.from_pretrained`` straight into ``dtype`` (None = float32): no float32 copy of a bfloat16 base."""
+    import torch
+
+    # low_cpu_mem_usage: transformers < 5 otherwise builds randomly initialised weights first (≥ 5 always skips that).
+    return auto.from_pretrained(path, dtype=dtype or torch.float32, low_cpu_mem_usage=True)
+
+
+def load_vision_dir(path: Path, image_size: int, dtype: torch.dtype | None = None) -> VisionEncoder:
+    """Any local HF vision model that AutoModel loads (DINOv2, ViT, CLIP/SigLIP: their vision tower), in ``dtype``."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path)
+    model = _from_pretrained(AutoModel, path, dtype)
     if hasattr(model, "vision_model"):  # CLIP / SigLIP dual encoders: keep the vision tower only
         model = model.vision_model
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -183,16 +195,16 @@ def load_vision_dir(path: Path, image_size: int) -> VisionEncoder:
     )
 
 
-def load_audio_dir(path: Path, max_seconds: float) -> WhisperAudioEncoder | WaveformAudioEncoder:
-    """A local HF Whisper dir (encoder taken, positions cut) or a waveform model (wav2vec2, HuBERT)."""
+def load_audio_dir(path: Path, max_seconds: float, dtype: torch.dtype | None = None) -> WhisperAudioEncoder | WaveformAudioEncoder:
+    """A local HF Whisper dir (encoder taken, positions cut) or a waveform model (wav2vec2, HuBERT), in ``dtype``."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "whisper":
-        model = AutoModel.from_pretrained(path)
+        model = _from_pretrained(AutoModel, path, dtype)
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else model.encoder
         return WhisperAudioEncoder(cut_whisper_positions(encoder, max_seconds).eval(), max_seconds)
-    model = AutoModel.from_pretrained(path).eval()
+    model = _from_pretrained(AutoModel, path, dtype).eval()
     try:
         extractor = AutoFeatureExtractor.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -8,12 +8,17 @@ so an adapter directory is the whole trainable state of a client. Key names are 
 
 Stages (Eq. 7): ``encoder`` trains encoder LoRA + projectors, ``llm`` trains LLM LoRA only, ``both``
 trains everything trainable (the ``joint`` ablation).
+
+LoRA weights and projectors are float32 whatever dtype the frozen base is stored in, and start from the
+same bytes as on a float32 base (:func:`add_lora`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,14 +76,50 @@ def lora_config(model: Any, lora: LoraSettings) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _adapters_stay_float32() -> Iterator[None]:
+    """While PEFT injects LoRA, tell it each base layer's device but not its dtype.
+
+    PEFT creates and initialises every adapter in float32, moves it to its base layer's dtype, and (its
+    ``autocast_adapter_dtype``) casts it back to float32 at the end: on a bfloat16 base, A's Kaiming init
+    loses its low mantissa bits on the way (measured: every lora_A differs from the float32 build's). Not
+    moving the dtype gives the state PEFT aims for, float32 adapters on the base's device, with the
+    float32 build's exact bytes. A private PEFT hook: if a release drops it, nothing is patched and the
+    adapters come out float32 but rounded (test_compute_models checks the bytes).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original = BaseTunerLayer.__dict__.get("_get_base_layer_device_and_dtype")
+    if original is None:
+        yield
+        return
+
+    def device_only(self: Any, base_layer: Any) -> tuple[Any, None]:
+        return original(self, base_layer)[0], None
+
+    BaseTunerLayer._get_base_layer_device_and_dtype = device_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseTunerLayer._get_base_layer_device_and_dtype = original  # type: ignore[method-assign]
+
+
 def add_lora(model: Any, lora: LoraSettings, seed: int = 0) -> Any:
-    """Wrap a UniflowModel with LoRA (PEFT's init: A ~ Kaiming-uniform from ``seed``, B = 0)."""
+    """Wrap a UniflowModel with LoRA (PEFT's init: A ~ Kaiming-uniform from ``seed``, B = 0).
+
+    The LoRA weights (and the projectors' trainable copies) are float32 on any base dtype, with the
+    bytes a float32 base gets from the same seed.
+    """
     from peft import get_peft_model
 
     config = lora_config(model, lora)
-    with torch.random.fork_rng(devices=[]):
+    low_precision = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    with torch.random.fork_rng(devices=[]), _adapters_stay_float32() if low_precision else contextlib.nullcontext():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if (".lora_" in name or ".modules_to_save." in name) and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()  # PEFT's own autocast covers fp16/bf16; anything else is cast here
     set_trainable_stage(peft_model, "both")
     return peft_model
 
@@ -170,7 +211,7 @@ def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], *, strict
     ``strict`` requires exactly the model's adapter keys; ``strict=False`` accepts a subset (e.g. an
     FFA global that only carries B). Unknown keys and shape mismatches always raise.
     """
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     expected = adapter_tensors(model)
     unknown = sorted(set(tensors) - set(expected))
@@ -185,10 +226,11 @@ def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], *, strict
                 f"{where}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}",
                 fix="use the same lora r as the adapter (see its adapter_config.json)",
             )
-    dtype = next(unwrap(model).llm.parameters()).dtype
+    # Each tensor in its parameter's dtype (LoRA and projectors are float32 even on a bfloat16 base).
+    dtypes = {k: v.dtype for k, v in get_peft_model_state_dict(model).items()}
     # PEFT expects every modules_to_save tensor; a partial load keeps the model's current values elsewhere.
     merged = {**expected, **tensors}
-    result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in merged.items()})
+    result = set_peft_model_state_dict(model, {k: v.to(dtypes.get(k, torch.float32)) for k, v in merged.items()})
     bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k or "modules_to_save" in k]
     if bad:
         raise AdapterError(f"{where}: PEFT did not place {bad[0]!r}", fix="report this bug")
@@ -244,7 +286,11 @@ def add_to_base(peft_model: Any, deltas: dict[str, torch.Tensor], *, where: str 
         targets[key] = weight
     with torch.no_grad():
         for key, weight in targets.items():
-            weight.add_(deltas[key].to(weight.dtype))
+            delta = deltas[key].to(weight.device)  # the model may already be on its device, the adapter is read to the CPU
+            if weight.dtype == torch.float32 or weight.dtype == delta.dtype:
+                weight.add_(delta.to(weight.dtype))
+            else:  # a bfloat16/float16 base: add in float32 and round once, not the ΔW and then the sum
+                weight.copy_(weight.float() + delta.float())
     return len(targets)
 
 

@@ -20,11 +20,17 @@ A batch (from :func:`collate` / :meth:`UniflowModel.collate`) is a dict:
     that modality (absent when no row has it).
 ``ids``, ``modalities``, ``questions``, ``answers``: the samples' strings, for evaluation.
 ``truncated``: per row, whether the sample was cut to fit ``max_length`` tokens (see :class:`Collator`).
+
+Precision: the frozen LLM and encoders may be stored in bfloat16/float16 (``build_base(..., dtype=...)``)
+while the projectors and LoRA weights stay float32; :meth:`UniflowModel.encode` casts each encoder's
+inputs to that encoder's dtype and the pooled features to the projector's, so a forward works with or
+without ``torch.autocast``. The loss is always computed in float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +45,56 @@ IGNORE_INDEX = -100
 #: Enough for the paper's short VQA/spoken-QA answers; caps what one hostile sample can allocate.
 DEFAULT_MAX_LENGTH = 512
 _SENTINEL = "\x00UNIFLOW_USER_TURN\x00"
+#: LLM config fields that transform the LM head's output (softcapping, logit scales). An LLM with any of
+#: them set keeps the full-logits path: its own forward applies them, a bare ``lm_head(hidden)`` would not.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping",)  # Gemma 2/3
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier_scale", "dim_model_base")  # Cohere, Granite, Falcon-H1, MiniCPM
+
+
+@dataclass
+class AnswerOutput:
+    """What :meth:`UniflowModel.forward` returns with ``full_logits=False``: the LM head ran only on the
+    answer positions (label ≠ −100 after the causal shift), in row-major batch order.
+
+    ``loss``: Eq. 6, float32 mean over those positions (NaN when there are none, as the full path gives);
+    ``logits`` (N, vocab): the head's output there; ``labels`` (N,): the target token of each;
+    ``rows`` (N,): the batch row each position belongs to.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+
+
+def frozen_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's frozen weights: its first floating parameter that is not a LoRA weight
+    (LoRA stays float32 on a bfloat16 base). float32 for a module without one."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and ".lora_" not in f".{name}":
+            return param.dtype
+    return torch.float32
+
+
+def answer_head(llm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, lm_head)`` when ``lm_head(decoder(...)[0])`` is exactly how ``llm`` makes its logits,
+    else None (then only the full forward is right; see :data:`_LOGIT_SCALES`)."""
+    get_decoder = getattr(llm, "get_decoder", None)
+    get_head = getattr(llm, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    configs = [getattr(llm, "config", None)]
+    configs.append(getattr(configs[0], "text_config", None))
+    for config in (c for c in configs if c is not None):
+        if any(getattr(config, name, None) is not None for name in _LOGIT_SOFTCAPS):
+            return None
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_SCALES):
+            return None
+    decoder, head = get_decoder(), get_head()
+    # get_decoder() falls back to the model itself when it finds no separate decoder: no head to skip then.
+    if decoder is None or head is None or decoder is llm:
+        return None
+    return decoder, head
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, has_cls: bool, mode: str, n_tokens: int) -> torch.Tensor:
@@ -247,9 +303,12 @@ class Collator:
         }
         if train:
             batch["labels"] = labels
-        for modality, (rows, values) in media.items():
-            if rows:
-                batch[modality] = {"rows": torch.tensor(rows, dtype=torch.long), **self.encoders[modality].preprocess(values)}
+        # Feature extraction stays float32 when the caller collates inside torch.autocast: Whisper's log-mel
+        # runs torch matmuls on the CPU, which autocast would turn into bfloat16 (and numpy cannot take those).
+        with torch.autocast("cpu", enabled=False):
+            for modality, (rows, values) in media.items():
+                if rows:
+                    batch[modality] = {"rows": torch.tensor(rows, dtype=torch.long), **self.encoders[modality].preprocess(values)}
         return batch
 
 
@@ -298,10 +357,16 @@ class UniflowModel(nn.Module):
         wrapper = self._encoder_wrappers[modality]
         # Call through the (possibly LoRA-wrapped) module in self.encoders, not the original reference.
         wrapper.model = self.encoders[modality]
-        model_inputs = {k: v for k, v in inputs.items() if k != "rows"}
+        # The encoder may be stored in bfloat16 (build_base dtype): its float inputs (pixels, mel features,
+        # waveforms) must match without relying on autocast; integer inputs (masks, lengths) stay as they are.
+        dtype = frozen_dtype(self.encoders[modality])
+        model_inputs = {
+            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items() if k != "rows"
+        }
         hidden, lengths, has_cls = wrapper.encode(model_inputs)
         pooled = pool(hidden, lengths, has_cls, self.settings.pool, self.settings.pool_tokens)
-        return self.projectors[modality](pooled)
+        projector = self.projectors[modality]
+        return projector(pooled.to(next(projector.parameters()).dtype))  # the projector trains in float32
 
     def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         """Eq. 4: token embeddings with the projected modality features written into their slots."""
@@ -317,17 +382,40 @@ class UniflowModel(nn.Module):
                 raise DataError(f"batch holds {modality} inputs but the model has no {modality} encoder", fix="add the modality to [model]")
             feats = self.encode(modality, batch[modality]).to(embeds.dtype)
             rows = batch[modality]["rows"]
-            expected = torch.zeros(input_ids.shape[0], dtype=torch.long).index_add_(0, rows, torch.full_like(rows, feats.shape[1]))
+            expected = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device).index_add_(0, rows, torch.full_like(rows, feats.shape[1]))
             if not torch.equal(mask.sum(dim=1), expected):
                 raise ModelError(f"{modality} slots do not match the encoded features", fix="build batches with model.collate")
             # Rows are ascending, so row-major order of the mask matches the order of feats.
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
         return embeds
 
-    def forward(self, batch: dict[str, Any]) -> Any:
-        """Returns the LLM's output: ``.loss`` (Eq. 6, mean over answer tokens) and ``.logits``."""
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the frozen LLM is stored in (``build_base(..., dtype=...)``; float32 by default)."""
+        return frozen_dtype(self.llm)
+
+    def forward(self, batch: dict[str, Any], *, full_logits: bool = True) -> Any:
+        """Eq. 6: ``.loss`` (float32 mean over answer tokens) and ``.logits``.
+
+        ``full_logits=True``: the LLM's own output, logits at every position (B, L, vocab).
+        ``full_logits=False`` with labels: an :class:`AnswerOutput` — the LM head runs only on the answer
+        positions (the loss needs nothing else), same loss. Without labels, or for an LLM whose head is
+        more than ``lm_head(hidden)`` (:func:`answer_head`), the full path runs.
+        """
         embeds = self.embed(batch)
-        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"), use_cache=False)
+        labels = batch.get("labels")
+        head = answer_head(self.llm) if not full_logits and labels is not None else None
+        if head is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels, use_cache=False)
+        decoder, lm_head = head
+        hidden = decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)[0]
+        # HF's causal-LM loss: position t predicts token t+1, so hidden[:, :-1] is scored against labels[:, 1:].
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = lm_head(hidden[:, :-1][keep])
+        # Mean over the kept tokens in float32, as HF's loss; with no answer token both give NaN (0/0).
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return AnswerOutput(loss=loss, logits=logits, labels=targets[keep], rows=keep.nonzero()[:, 0])
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:

@@ -7,7 +7,11 @@
 
 :func:`base_fingerprint` names the frozen base: the preset plus the sha256 of the embedded sources,
 or (custom) a hash of each dir's ``config.json`` and weight file sizes, plus the modalities. It is
-stamped into every adapter so adapters of different bases are never mixed.
+stamped into every adapter so adapters of different bases are never mixed. It does not depend on the
+dtype the base is loaded in: a float32 and a bfloat16 client of one base federate.
+
+:func:`load_parts` loads the frozen LLM and encoders straight into ``dtype`` (None = float32): no float32
+copy is ever made of a bfloat16 base.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uniflow_cli.errors import ModelError
 from uniflow_cli.models import cache
 from uniflow_cli.models.settings import ModelSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 Progress = Callable[[str], None]  # receives a one-line status ("converting dinov2-small ...")
 
@@ -140,8 +147,8 @@ class BaseParts:
     fingerprint: str
 
 
-def load_parts(settings: ModelSettings, *, progress: Progress | None = None) -> BaseParts:
-    """Load (converting on first use) the LLM, tokenizer and encoders of ``settings``."""
+def load_parts(settings: ModelSettings, *, progress: Progress | None = None, dtype: torch.dtype | None = None) -> BaseParts:
+    """Load (converting on first use) the LLM, tokenizer and encoders of ``settings``, their weights in ``dtype``."""
     from uniflow_cli.models import encoders as enc
 
     fingerprint = base_fingerprint(settings)
@@ -150,12 +157,12 @@ def load_parts(settings: ModelSettings, *, progress: Progress | None = None) -> 
 
         built: dict[str, Any] = {}
         if "image" in settings.modalities:
-            built["image"] = enc.VisionEncoder(tiny.build_dinov2(), settings.image_size)
+            built["image"] = enc.VisionEncoder(tiny.build_dinov2(dtype), settings.image_size)
         if "audio" in settings.modalities:
             built["audio"] = enc.WhisperAudioEncoder(
-                enc.cut_whisper_positions(tiny.build_whisper_encoder(), settings.audio_max_seconds), settings.audio_max_seconds
+                enc.cut_whisper_positions(tiny.build_whisper_encoder(dtype), settings.audio_max_seconds), settings.audio_max_seconds
             )
-        return BaseParts(tiny.build_llm(), tiny.build_tokenizer(), built, fingerprint)
+        return BaseParts(tiny.build_llm(dtype), tiny.build_tokenizer(), built, fingerprint)
 
     if settings.preset == "smol":
         dirs = prepare(settings, progress=progress)
@@ -167,22 +174,23 @@ def load_parts(settings: ModelSettings, *, progress: Progress | None = None) -> 
     if progress:
         progress("loading the base model")
     with quiet_transformers():
-        llm, tokenizer = _load_llm(llm_dir)
+        llm, tokenizer = _load_llm(llm_dir, dtype)
         encoders: dict[str, Any] = {}
         if "image" in enc_dirs:
-            encoders["image"] = enc.load_vision_dir(enc_dirs["image"], settings.image_size)
+            encoders["image"] = enc.load_vision_dir(enc_dirs["image"], settings.image_size, dtype)
         if "audio" in enc_dirs:
-            encoders["audio"] = enc.load_audio_dir(enc_dirs["audio"], settings.audio_max_seconds)
+            encoders["audio"] = enc.load_audio_dir(enc_dirs["audio"], settings.audio_max_seconds, dtype)
     return BaseParts(llm, tokenizer, encoders, fingerprint)
 
 
-def _load_llm(path: Path) -> tuple[Any, Any]:
+def _load_llm(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # Straight into dtype; low_cpu_mem_usage matters for transformers < 5 (≥ 5 never builds random weights first).
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, low_cpu_mem_usage=True).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"llm {path} cannot be loaded as a causal LM ({exc})", fix="point llm to an AutoModelForCausalLM dir with its tokenizer") from exc
     if tokenizer.pad_token_id is None:

@@ -3,14 +3,18 @@
 Weights are random but fixed (seeded with :data:`TINY_SEED`, independent of the experiment seed, because
 every client must share the same frozen base). The tokenizer is a byte-level BPE without merges (one
 token per byte, 256 + 3 special tokens) built in code, so nothing is read from disk or a hub. Building
-everything takes well under a second.
+everything takes well under a second. ``dtype`` builds in float32 (the seeded init is defined there) and
+then casts, so a bfloat16 tiny base holds the float32 one's weights, rounded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 TINY_SEED = 1234
 
@@ -80,29 +84,32 @@ def build_tokenizer() -> Any:
     return tokenizer
 
 
-def build_llm() -> Any:
+def build_llm(dtype: torch.dtype | None = None) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return LlamaForCausalLM(LlamaConfig(**LLM_CONFIG)).eval()
+        model = LlamaForCausalLM(LlamaConfig(**LLM_CONFIG)).eval()
+    return model if dtype is None else model.to(dtype)
 
 
-def build_dinov2() -> Any:
+def build_dinov2(dtype: torch.dtype | None = None) -> Any:
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 1)
-        return Dinov2Model(Dinov2Config(**DINOV2_CONFIG)).eval()
+        model = Dinov2Model(Dinov2Config(**DINOV2_CONFIG)).eval()
+    return model if dtype is None else model.to(dtype)
 
 
-def build_whisper_encoder() -> Any:
+def build_whisper_encoder(dtype: torch.dtype | None = None) -> Any:
     import torch
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 2)
-        return WhisperEncoder(WhisperConfig(**WHISPER_CONFIG)).eval()
+        model = WhisperEncoder(WhisperConfig(**WHISPER_CONFIG)).eval()
+    return model if dtype is None else model.to(dtype)
