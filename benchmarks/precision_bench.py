@@ -36,41 +36,9 @@ VARIANTS = ("plain-fp32", "plain-bf16", "uniflow-fp32", "uniflow-bf16")
 
 
 def plain(args, dataset, precision: str) -> dict:
-    import torch
-    from peft import get_peft_model
-    from transformers import get_linear_schedule_with_warmup
+    from train_bench import plain_loop
 
-    from train_bench import batch_order, settings_for
-    from uniflow_cli.compute import autocast, precision_dtype
-    from uniflow_cli.models import build_base, collate
-    from uniflow_cli.models.lora import lora_config
-    from uniflow_cli.settings import LoraSettings
-
-    base = build_base(settings_for(args.preset), seed=0, dtype=precision_dtype(precision))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = get_peft_model(base, lora_config(base, LoraSettings()))
-    steps = args.warmup + args.steps
-    torch.manual_seed(args.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
-    model.train()
-    times, tokens, losses = [], [], []
-    device = torch.device("cpu")
-    for picks in batch_order(len(dataset), args.seed, steps, args.batch_size):
-        batch = collate([dataset[i] for i in picks], model)
-        tokens.append(int(batch["attention_mask"].sum()))
-        with autocast(device, precision):
-            loss = model(batch).loss  # full logits: what a hand-written loop computes
-        loss.float().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        times.append(time.perf_counter())
-    return {"times": times, "tokens": tokens, "losses": losses}
+    return plain_loop(args, dataset, precision)
 
 
 def uniflow(args, dataset, precision: str) -> dict:

@@ -62,17 +62,19 @@ def settings_for(preset: str):
     return ModelSettings(preset=preset, modalities=["image", "audio"])
 
 
-def plain_loop(args, dataset) -> dict:
-    """What a user writes by hand with transformers + PEFT around the same UniflowModel."""
+def plain_loop(args, dataset, precision: str = "fp32") -> dict:
+    """What a user writes by hand with transformers + PEFT around the same UniflowModel (full logits); with
+    ``precision="bf16"`` the frozen base is stored in bf16 and the forward runs under bf16 autocast."""
     import torch
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
+    from uniflow_cli.compute import autocast, precision_dtype
     from uniflow_cli.models import build_base, collate
     from uniflow_cli.models.lora import lora_config
     from uniflow_cli.workspace import LoraSettings
 
-    base = build_base(settings_for(args.preset), seed=0)
+    base = build_base(settings_for(args.preset), seed=0, dtype=precision_dtype(precision))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = get_peft_model(base, lora_config(base, LoraSettings()))
@@ -82,18 +84,20 @@ def plain_loop(args, dataset) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
     model.train()
-    times, tokens = [], []
+    times, tokens, losses = [], [], []
     for picks in batch_order(len(dataset), args.seed, steps, args.batch_size):
         batch = collate([dataset[i] for i in picks], model)
         tokens.append(int(batch["attention_mask"].sum()))
-        loss = model(batch).loss
-        loss.backward()
+        with autocast(torch.device("cpu"), precision):
+            loss = model(batch).loss
+        loss.float().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
         times.append(time.perf_counter())
-    return {"times": times, "tokens": tokens, "trainable": sum(p.numel() for p in params), "last_loss": float(loss)}
+    return {"times": times, "tokens": tokens, "trainable": sum(p.numel() for p in params), "last_loss": float(loss), "losses": losses}
 
 
 def uniflow_loop(args, dataset) -> dict:
@@ -245,7 +249,7 @@ def main() -> None:
         modalities = [m for m in args.modalities.split(",") if m]
         with tempfile.TemporaryDirectory(prefix="uniflow-train-bench-") as tmp:
             shards = build_shards(Path(tmp), modalities, n=max(8, args.batch_size * 2))
-            print(f"\n| preset | batch | uniflow tokens/s | plain tokens/s | ratio | uniflow s/step | plain s/step | uniflow peak RSS | plain peak RSS |")
+            print("\n| preset | batch | uniflow tokens/s | plain tokens/s | ratio | uniflow s/step | plain s/step | uniflow peak RSS | plain peak RSS |")
             print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
             for preset in [p for p in args.presets.split(",") if p]:
                 for modality in modalities:
