@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[test,convert,flower]"
+	$(PIP) install --quiet -e ".[test,convert,flower,quantize]"
 	$(PIP) install --quiet --no-deps $(EMBEDDED)
 	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); } || echo "warning: espeak-ng missing (apt-get install espeak-ng); spoken-qa needs it"
 	@rm -f $(VENV)/.installed-*; touch $@

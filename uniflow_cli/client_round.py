@@ -86,9 +86,11 @@ def write_private_B(state_dir: Path, result: ClientRound) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: int, history: Sequence[tuple[int, Any]] = (),
                    private_B: Mapping[str, Any] | None = None, private_where: str = "client state",
-                   started_from: str | None = None, dtype: Any = None) -> tuple[Any, list[int]]:
+                   started_from: str | None = None, dtype: Any = None, build: Callable[..., Any] | None = None) -> tuple[Any, list[int]]:
     """(the model round ``round_`` trains, the earlier rounds folded into its base); ``dtype`` is the frozen
-    base's (None: float32), the LoRA and projectors stay float32."""
+    base's (None: float32), the LoRA and projectors stay float32. ``build`` (default ``models.load_model``,
+    same signature) makes the model before the method's start is applied (``uniflow simulate``: a pool
+    that reuses one loaded model, reset to what a fresh build would give)."""
     from uniflow_cli.models import load_model, model_from_adapter
     from uniflow_cli.models.history import fold_history
     from uniflow_cli.models.lora import load_adapter_tensors, unwrap
@@ -96,13 +98,13 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
     if spec.merges_into_base and start.meta is not None and start.meta.round:
         # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
         # whose init is the same on every client (seeded by the round only).
-        model = load_model(settings, lora, seed=round_, dtype=dtype)
+        model = (build or load_model)(settings, lora, seed=round_, dtype=dtype)
         fp = start.meta.base_fingerprint
         if fp is not None and fp != unwrap(model).fingerprint:
             raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}",
                                             fix="use the model settings the global was made with")
     else:
-        model = model_from_adapter(settings, start, lora, dtype=dtype)
+        model = model_from_adapter(settings, start, lora, dtype=dtype, build=build)
     folded = fold_history(model, history, spec).rounds if spec.folds_history else []
     if spec.private_B and private_B:
         load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(B_SUFFIX)}, strict=False, where=private_where)
@@ -127,6 +129,7 @@ def train_client_round(
     device: Any = "auto",
     gradient_checkpointing: bool = False,
     on_step: Callable[[int, int, float, str], None] | None = None,
+    build: Callable[..., Any] | None = None,
 ) -> ClientRound:
     """Build the starting model from the global ``start`` (a LoadedAdapter), train, return the upload.
 
@@ -135,17 +138,22 @@ def train_client_round(
     round; ``method`` a name or a MethodSpec. ``settings``/``lora`` (ModelSettings, LoraSettings) are
     recorded in the drop (``extra.settings``) so the server can carry them into the global. The base is
     loaded in ``cfg.precision``'s dtype and trained on ``device`` (a name or a ``torch.device``), with
-    ``gradient_checkpointing`` if asked; the uploaded tensors are float32 on the CPU, then ``cfg.dtype``."""
+    ``gradient_checkpointing`` if asked; the uploaded tensors are float32 on the CPU, then ``cfg.dtype``.
+    ``build``: see :func:`starting_model`."""
     import torch
 
-    from uniflow_cli.compute import check_precision, precision_dtype, resolve_device
+    from uniflow_cli.compute import check_precision, compute_dtype, precision_dtype, resolve_device
     from uniflow_cli.models import adapter_tensors, enable_gradient_checkpointing, peft_config_dict
+    from uniflow_cli.models.quantize import check_quantize, quantize_llm
 
     spec = as_spec(method)
     device = resolve_device(device)
     check_precision(cfg.precision, device)  # before the model build: a wrong choice costs nothing
+    check_quantize(cfg.quantize, device, spec)
     model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private_B=private_B,
-                                   private_where=private_where, started_from=started_from, dtype=precision_dtype(cfg.precision))
+                                   private_where=private_where, started_from=started_from, dtype=precision_dtype(cfg.precision), build=build)
+    if cfg.quantize is not None:
+        quantize_llm(model, cfg.quantize, device=device, compute_dtype=compute_dtype(device, cfg.precision))
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     seed = mixed_seed(cfg.seed, round_, client_id or "0")
@@ -166,6 +174,7 @@ def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any,
     it computed: device, precision, gradient checkpointing) and the model settings."""
     from uniflow_cli.adapters import AdapterMeta
     from uniflow_cli.global_info import settings_record
+    from uniflow_cli.models.quantize import quantized_layers
     from uniflow_cli.models.lora import unwrap
 
     train = {
@@ -179,7 +188,8 @@ def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any,
         "upload_bytes": upload_bytes,
         "started_from": started_from,
         "folded_rounds": folded,
-        "config": {**asdict(cfg), "device": stats.device, "gradient_checkpointing": gradient_checkpointing},
+        "config": {**asdict(cfg), "device": stats.device, "math": stats.math, "gradient_checkpointing": gradient_checkpointing,
+                   "quantized_layers": quantized_layers(model)},
     }
     return AdapterMeta(
         role="client",

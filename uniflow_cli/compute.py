@@ -6,6 +6,8 @@ One helper per choice, shared by ``uniflow local-train``, ``uniflow evaluate`` a
 * :data:`PRECISIONS`, :func:`precision_dtype`, :func:`check_precision`, :func:`autocast` — ``fp32 | bf16 |
   fp16``: the dtype the frozen base is loaded in and the autocast the forward/backward runs under (LoRA
   weights, projectors and the optimizer state stay float32);
+* :func:`math_mode` / :func:`place` — on a CPU without bf16 kernels, bf16 is storage only and the math
+  runs in float32 (:mod:`uniflow_cli.models.upcast`): half the memory without the slow kernels;
 * :func:`to_device` — a collated batch (nested dicts/lists of tensors) on the device;
 * :func:`default_threads` / :func:`set_threads` — torch's intra-op threads: ``$UNIFLOW_THREADS``, else
   ``$OMP_NUM_THREADS``, else the physical cores this process may use (never more: several clients on one
@@ -31,6 +33,10 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 THREADS_ENV = "UNIFLOW_THREADS"
+#: How bf16 computes on a CPU: ``native`` (bf16 kernels under autocast), ``upcast`` (bf16 storage, float32
+#: math; :mod:`uniflow_cli.models.upcast`) or ``auto`` (native where the CPU has AVX-512 BF16 / AMX).
+BF16_MATH_ENV = "UNIFLOW_BF16_MATH"
+MATH_MODES = ("auto", "native", "upcast")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +105,17 @@ def check_precision_name(precision: Any) -> str:
     return precision
 
 
+QUANTIZE = ("nf4", "int8")
+
+
+def check_quantize_name(scheme: Any) -> str | None:
+    """``scheme`` (None, ``nf4`` or ``int8``: :mod:`uniflow_cli.models.quantize`), else a ConfigError
+    (field ``quantize``). Torch-free."""
+    if scheme is not None and scheme not in QUANTIZE:
+        raise ConfigError.invalid("quantize", scheme, f"is not one of {', '.join(QUANTIZE)}", example="nf4")
+    return scheme
+
+
 def precision_dtype(precision: str) -> Any:
     """The torch dtype of ``fp32 | bf16 | fp16`` (the dtype the frozen base is loaded in)."""
     import torch
@@ -127,14 +144,62 @@ def check_precision(precision: str, device: Any) -> None:
                                       example="fp32") from None
 
 
+def _cpu_has_bf16_kernels() -> bool:
+    import torch
+
+    try:  # oneDNN's own probe (AVX-512 BF16 or AMX); private, hence the guard
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def math_mode(device: Any, precision: str) -> str:
+    """How ``precision`` computes on ``device``: ``native`` (its own kernels under autocast) or ``upcast``
+    (weights stored in bf16, every matmul in float32: a CPU without bf16 kernels, where bf16 math is several
+    times slower than float32). fp32, CUDA and MPS are always native; ``$UNIFLOW_BF16_MATH`` forces a CPU choice."""
+    import torch
+
+    if check_precision_name(precision) == "fp32":
+        return "native"
+    device_type = device.type if isinstance(device, torch.device) else torch.device(str(device)).type
+    if device_type != "cpu":
+        return "native"
+    forced = os.environ.get(BF16_MATH_ENV, "auto").strip().lower() or "auto"
+    if forced not in MATH_MODES:
+        raise ConfigError.invalid(BF16_MATH_ENV, forced, f"is not one of {', '.join(MATH_MODES)}", example="auto")
+    if forced != "auto":
+        return forced
+    return "native" if _cpu_has_bf16_kernels() else "upcast"
+
+
+def compute_dtype(device: Any, precision: str) -> Any:
+    """The dtype the matmuls run in: ``precision``'s where its :func:`math_mode` is native, else float32."""
+    import torch
+
+    return precision_dtype(precision) if math_mode(device, precision) == "native" else torch.float32
+
+
+def place(model: Any, device: Any, precision: str) -> str:
+    """Move ``model`` to ``device`` and set it up to compute in ``precision``; returns :func:`math_mode`.
+    In ``upcast`` mode the frozen low-precision modules are rewired to float32 math (idempotent)."""
+    model.to(device)
+    mode = math_mode(device, precision)
+    if mode == "upcast":
+        from uniflow_cli.models.upcast import upcast_frozen
+
+        upcast_frozen(model)
+    return mode
+
+
 def autocast(device: Any, precision: str) -> Any:
-    """The context the forward/backward runs under: ``torch.autocast`` in ``precision``'s dtype (fp32: none).
+    """The context the forward/backward runs under: ``torch.autocast`` in ``precision``'s dtype (fp32, and
+    bf16 in ``upcast`` :func:`math_mode`: none).
 
     Under it the bf16/fp16 base and the float32 LoRA/projector weights meet in the low precision inside
     each matmul, while the weights themselves (and their gradients) keep their own dtypes."""
     import torch
 
-    if check_precision_name(precision) == "fp32":
+    if check_precision_name(precision) == "fp32" or math_mode(device, precision) == "upcast":
         return contextlib.nullcontext()
     device_type = device.type if isinstance(device, torch.device) else torch.device(str(device)).type
     return torch.autocast(device_type=device_type, dtype=precision_dtype(precision))

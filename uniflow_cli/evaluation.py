@@ -46,7 +46,8 @@ class EvalOptions:
     all), the BERTScore backbone (None: the embedded all-MiniLM-L6-v2) and layer (None: its default), and
     where and how the model computes: ``device`` (``auto | cpu | cuda[:N] | mps``) and ``precision``
     (``fp32 | bf16 | fp16``: the base's dtype and the autocast; None: the workspace's ``[train]``
-    precision, else fp32)."""
+    precision, else fp32); ``quantize`` (None | nf4 | int8): the LLM's frozen linear layers quantised
+    after any FedEx/FLoRA history is folded in (evaluation folds once, so this is sound here)."""
 
     max_new_tokens: int = 16
     batch_size: int = 8
@@ -55,12 +56,14 @@ class EvalOptions:
     bertscore_layers: int | None = None
     device: str = "auto"
     precision: str | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
-        from uniflow_cli.compute import check_precision_name
+        from uniflow_cli.compute import check_precision_name, check_quantize_name
 
         if self.precision is not None:
             check_precision_name(self.precision)
+        check_quantize_name(self.quantize)
         if self.max_new_tokens < 1:
             raise ConfigError.invalid("max_new_tokens", self.max_new_tokens, "must be >= 1", example=16)
         if self.batch_size < 1:
@@ -108,13 +111,13 @@ def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: E
     ``options.device`` under ``options.precision``'s autocast (None: fp32)."""
     import torch
 
-    from uniflow_cli.compute import autocast, check_precision, resolve_device, to_device
+    from uniflow_cli.compute import autocast, check_precision, place, resolve_device, to_device
     from uniflow_cli.metrics import token_accuracy
     from uniflow_cli.models import collate
 
     device, precision = resolve_device(options.device), options.precision or "fp32"
     check_precision(precision, device)
-    model.to(device)
+    place(model, device, precision)
     total, done = sum(len(rows) for rows in groups.values()), 0
     records: list[dict[str, Any]] = []
     model.eval()  # dropout off: evaluation must not depend on the RNG
@@ -228,7 +231,7 @@ def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = 
 
 def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions, *, on_batch: OnBatch | None = None) -> EvalResult:
     """Score ``built`` on ``target``'s samples and write the eval JSON; the notices say what was assembled."""
-    from uniflow_cli.compute import resolve_device
+    from uniflow_cli.compute import math_mode, resolve_device
     from uniflow_cli.evaluation_io import build_eval_payload, write_eval_json
     from uniflow_cli.metrics import DEFAULT_BERTSCORE_MODEL, resolve_bertscore_model
     from uniflow_cli.models.lora import unwrap
@@ -255,6 +258,8 @@ def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions,
             "max_length": max_length,
             "device": str(resolve_device(options.device)),
             "precision": options.precision or "fp32",
+            "math": math_mode(resolve_device(options.device), options.precision or "fp32"),
+            "quantize": options.quantize,
         },
         metrics=metrics,
         samples={m: [{k: rec[k] for k in keep} for rec in recs[:SAMPLES_IN_JSON]] for m, recs in records.items()},
@@ -274,7 +279,8 @@ def run_evaluate(
 ) -> EvalResult:
     """The whole ``uniflow evaluate`` (see :class:`~uniflow_cli.eval_target.EvalRequest` for the modes); returns
     the written payload. Every check runs before the model build; the output is refused before any work."""
-    from uniflow_cli.compute import check_precision, precision_dtype, resolve_device
+    from uniflow_cli.compute import check_precision, compute_dtype, precision_dtype, resolve_device
+    from uniflow_cli.models.quantize import check_quantize, quantize_llm
     from uniflow_cli.metrics import resolve_bertscore_model
 
     options = options or EvalOptions()
@@ -283,7 +289,10 @@ def run_evaluate(
     target = resolve_target(request)
     options = replace(options, device=str(device), precision=options.precision or train_precision(target.workspace))
     check_precision(options.precision, device)
+    check_quantize(options.quantize, device)
     built = build_model(target, progress=on_status, dtype=precision_dtype(options.precision))
+    if options.quantize is not None:
+        quantize_llm(built.model, options.quantize, device=device, compute_dtype=compute_dtype(device, options.precision))
     return evaluate_target(target, built, options, on_batch=on_batch)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from uniflow_cli.compute import PRECISIONS, check_precision_name  # noqa: F401  (PRECISIONS: re-exported; torch-free)
+from uniflow_cli.compute import PRECISIONS, check_precision_name, check_quantize_name  # noqa: F401  (PRECISIONS: re-exported; torch-free)
 from uniflow_cli.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,7 +132,8 @@ class TrainSettings:
     ``steps`` optimizer steps per round, or ``epochs`` passes over the shard instead (give one; an
     ``epochs`` given where ``steps`` is only inherited wins, see :func:`resolve_train`). ``dtype`` is the
     storage dtype of the uploaded tensors; ``precision`` (fp32 | bf16 | fp16) the dtype the frozen base is
-    loaded in and the autocast training runs under (LoRA, projectors and the optimizer stay float32). The
+    loaded in and the autocast training runs under (LoRA, projectors and the optimizer stay float32);
+    ``quantize`` (None | nf4 | int8) stores the LLM's frozen linear layers quantised (QLoRA). The
     device is no setting here: it belongs to each machine (``--device``, a run-config key). Every field can
     be set in the table or overridden per run.
     """
@@ -154,6 +155,7 @@ class TrainSettings:
     stage_by: str = "step"
     dtype: str = "float32"
     precision: str = "fp32"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -189,6 +191,7 @@ class TrainSettings:
         if self.dtype not in UPLOAD_DTYPES:
             raise ConfigError.invalid("dtype", self.dtype, f"is not {'|'.join(UPLOAD_DTYPES)}", example="float32")
         check_precision_name(self.precision)
+        check_quantize_name(self.quantize)
 
 
 RIDGE_MODES = ("auto", "always", "never")

@@ -42,6 +42,7 @@ class TrainStats:
     truncated: int = 0  # examples cut to max_length tokens (each counted once, however often drawn)
     max_length: int | None = None  # the token budget used (cfg.max_length, else the model's default)
     device: str = "cpu"  # where it trained (recorded: the device is part of "same inputs, same bytes")
+    math: str = "native"  # compute.math_mode: bf16 kernels, or bf16 storage with float32 math ("upcast")
 
     @property
     def first_loss(self) -> float | None:
@@ -130,7 +131,7 @@ def train_loop(
     where it is) and trained under ``cfg.precision``'s autocast (fp16: with a grad scaler, CUDA only)."""
     import torch
 
-    from uniflow_cli.compute import check_precision, grad_scaler, module_device, resolve_device
+    from uniflow_cli.compute import check_precision, grad_scaler, module_device, place, resolve_device
     from uniflow_cli.models import set_trainable_stage
     from uniflow_cli.models.lora import unwrap
 
@@ -140,7 +141,7 @@ def train_loop(
         raise TrainingError("the client's shard is empty", fix="re-run 'uniflow partition' with more data per client")
     device = module_device(model) if device is None else resolve_device(device)
     check_precision(cfg.precision, device)
-    model.to(device)
+    math = place(model, device, cfg.precision)
     scaler = grad_scaler(device, cfg.precision)
     steps = total_steps_for(cfg, n)
     plan = stage_plan(steps, cfg, round_=round_, total_rounds=total_rounds)
@@ -157,7 +158,8 @@ def train_loop(
     warmup = warmup_steps(cfg, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup))
     stats = TrainStats(num_examples=n, steps=steps, steps_per_stage={s: plan.count(s) for s in sorted(set(plan))},
-                       max_length=cfg.max_length if cfg.max_length is not None else unwrap(model).max_length, device=str(device))
+                       max_length=cfg.max_length if cfg.max_length is not None else unwrap(model).max_length, device=str(device),
+                       math=math)
     cut: set[int] = set()
     model.train()
     current = None

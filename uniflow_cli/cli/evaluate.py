@@ -13,6 +13,7 @@ from uniflow_cli.cli.options import (
     DeviceOpt,
     JsonOpt,
     PrecisionOpt,
+    QuantizeOpt,
     DATA_FLAGS,
     LIMIT_FLAGS,
     OUT_FLAGS,
@@ -86,6 +87,7 @@ def evaluate(
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
+    quantize: QuantizeOpt = None,
     threads: ThreadsOpt = None,
     out: Annotated[
         Optional[Path], typer.Option(*OUT_FLAGS, help="Eval JSON to write (default in a workspace: eval/round-<T>.json).", show_default=False)
@@ -103,7 +105,8 @@ def evaluate(
     request = EvalRequest(workspace=workspace, round=round, base=base, adapter=adapter, data=tuple(data or ()), preset=preset, out=out,
                           force=force, client=client, modalities=None if modalities is None else modalities.split(","))
     options = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, bertscore_model=bertscore_model,
-                          bertscore_layers=bertscore_layers, device=device, precision=precision)
+                          bertscore_layers=bertscore_layers, device=device, precision=precision,
+                          quantize=quantize)
     result = _run(request, options)
     if as_json:
         from uniflow_cli.cli.console import notice, print_json

@@ -9,7 +9,7 @@ import typer
 
 from uniflow_cli.cli.examples import epilog
 from uniflow_cli.cli.options import (
-    BATCH_SIZE_FLAGS, DATA_FLAGS, OUT_FLAGS, ClientOpt, DeviceOpt, DtypeOpt, ForceOpt, GradientCheckpointingOpt, JsonOpt, PrecisionOpt,
+    BATCH_SIZE_FLAGS, DATA_FLAGS, OUT_FLAGS, ClientOpt, DeviceOpt, DtypeOpt, ForceOpt, GradientCheckpointingOpt, JsonOpt, PrecisionOpt, QuantizeOpt,
     RoundOpt, SeedOpt, TauOpt, ThreadsOpt, WorkspaceOpt, method_option, preset_option,
 )
 
@@ -46,6 +46,7 @@ def local_train(
     seed: SeedOpt = None,
     dtype: DtypeOpt = None,
     precision: PrecisionOpt = None,
+    quantize: QuantizeOpt = None,
     device: DeviceOpt = "auto",
     gradient_checkpointing: GradientCheckpointingOpt = False,
     threads: ThreadsOpt = None,
@@ -76,7 +77,7 @@ def local_train(
     # without --workspace: over the built-in defaults), so every [train] value a flag leaves alone counts.
     overrides = {"tau": stage_tau, "steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                  "weight_decay": weight_decay, "max_length": max_length, "seed": seed, "stages": stages, "stage_by": stage_by, "dtype": dtype,
-                 "precision": precision}
+                 "precision": precision, "quantize": quantize}
     with Progress(TextColumn("[bold]local-train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as progress:
         task = progress.add_task(f"client {client or ''}", total=None, loss="-")

@@ -22,6 +22,9 @@ EPILOG = epilog(EXAMPLES, ["The cache lives in $UNIFLOW_CACHE/models (default ~/
 PRESET_PARTS = {
     "smol": {"llm": "SmolLM2-135M-Instruct", "image_encoder": "DINOv2-small", "audio_encoder": "Whisper tiny.en encoder"},
     "tiny-random": {"llm": "Llama 2×32 (random)", "image_encoder": "DINOv2 2×24 (random)", "audio_encoder": "Whisper enc. 2×16 (random)"},
+    "random-1b": {"llm": "Llama-3.2-1B shapes (random)", "image_encoder": "DINOv2-base shapes (random)", "audio_encoder": "Whisper-base enc. (random)"},
+    "random-7b": {"llm": "Llama-2-7B / Vicuna-7B shapes (random)", "image_encoder": "DINOv2-large shapes (random)",
+                  "audio_encoder": "Whisper-small enc. (random)"},
     "custom": {"llm": "any local AutoModelForCausalLM dir", "image_encoder": "DINOv2/ViT/CLIP/SigLIP dir", "audio_encoder": "Whisper/wav2vec2/HuBERT dir"},
 }
 DEFAULT_PRESET = "smol"

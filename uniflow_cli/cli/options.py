@@ -50,7 +50,7 @@ BATCH_SIZE_FLAGS = ("--batch-size", "-b")
 
 # Kept literal (with a test against models.settings.PRESETS / data.builtin.BUILTINS): importing those
 # modules would load the model cache helpers and numpy on every --help.
-PRESET_NAMES = ("smol", "tiny-random", "custom")
+PRESET_NAMES = ("smol", "tiny-random", "random-1b", "random-7b", "custom")
 BUILTIN_DATASETS = ("easy-vqa", "spoken-qa", "text-qa")
 
 METHODS_HELP = " | ".join(METHOD_NAMES)
@@ -122,6 +122,12 @@ PrecisionOpt = Annotated[
     Optional[str],
     typer.Option("--precision", help=f"{' | '.join(PRECISIONS)}: the dtype the frozen base is loaded in and autocast runs under; LoRA, "
                  "projectors and the optimizer stay float32; fp16 only on CUDA (default: the \\[train] precision, else fp32).", show_default=False),
+]
+QuantizeOpt = Annotated[
+    Optional[str],
+    typer.Option("--quantize", help="nf4 | int8: store the LLM's frozen linear layers quantised (QLoRA, bitsandbytes; CUDA or the CPU); "
+                 "LoRA stays float32. Not with methods that fold updates into the base (fedex, flora). Default: the \\[train] quantize, else none.",
+                 show_default=False),
 ]
 GradientCheckpointingOpt = Annotated[
     bool, typer.Option("--gradient-checkpointing", help="Recompute the LLM's and encoders' activations in the backward pass: less memory, more time.")

@@ -36,6 +36,7 @@ RUN_CONFIG_KEYS = {
     "stages": "stages",
     "stage-by": "stage_by",
     "precision": "precision",
+    "quantize": "quantize",
     "device": "device",
     "gradient-checkpointing": "gradient_checkpointing",
     "fraction-train": "fraction_train",
@@ -89,6 +90,7 @@ class FlowerRunSettings:
     # [train], the device is "auto" (each node picks its own: a node's --node-config "device='cuda:1'" wins),
     # gradient checkpointing is off.
     precision: str | None = None
+    quantize: str | None = None
     device: str | None = None
     gradient_checkpointing: bool | None = None
     fraction_train: float = 1.0
@@ -159,7 +161,8 @@ class FlowerRunSettings:
         """What the run config sets of ``[train]`` (None = the workspace's table decides). Uploads travel in
         float32 ArrayRecords, so ``dtype`` is fixed."""
         return {"tau": self.tau, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                "stages": self.stages or None, "stage_by": self.stage_by or None, "dtype": "float32", "precision": self.precision or None}
+                "stages": self.stages or None, "stage_by": self.stage_by or None, "dtype": "float32", "precision": self.precision or None,
+                "quantize": self.quantize or None}
 
     def device_name(self, node_config: Mapping[str, Any] | None = None) -> str:
         """The device this node trains on: its node config's ``device`` (the device belongs to the machine),

@@ -104,15 +104,18 @@ def model_from_adapter(
     *,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    build: Any = None,
 ) -> Any:
     """Build the model for a loaded adapter (``adapters.read_adapter(...)``) and load its tensors.
 
     Refuses an adapter whose ``base_fingerprint`` differs from this base's. ``dtype``: the frozen base's
-    (the adapter's tensors load into float32 LoRA weights unchanged).
+    (the adapter's tensors load into float32 LoRA weights unchanged). ``build`` (default :func:`load_model`,
+    same signature) makes the model before the tensors load: ``uniflow simulate`` passes one that hands back
+    a loaded model reset to what ``load_model`` would build.
     """
     from uniflow_cli.models.lora import check_compatible, load_adapter_tensors, lora_settings_from_peft
 
-    model = load_model(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress, dtype=dtype)
+    model = (build or load_model)(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress, dtype=dtype)
     fingerprint = adapter.meta.base_fingerprint if adapter.meta is not None else None
     where = str(adapter.path) if adapter.path is not None else "adapter"
     check_compatible(model, adapter.peft_config, fingerprint=fingerprint, where=where)

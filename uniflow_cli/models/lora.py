@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from uniflow_cli.errors import AdapterError, ConfigError, IncompatibleAdaptersError, UsageError
+from uniflow_cli.errors import AdapterError, ConfigError, IncompatibleAdaptersError, ModelError, UsageError
 from uniflow_cli.models.multimodal import unwrap  # lives with UniflowModel; importable from here too
 from uniflow_cli.peft_keys import base_weight_key, lora_modules, lora_scaling
 from uniflow_cli.settings import LoraSettings
@@ -266,6 +266,9 @@ def _base_weight(peft_model: Any, key: str, where: str) -> Any:
     weight = getattr(layer, "weight", None)
     if weight is None:
         raise AdapterError(f"{where}: module {module_name!r} has no weight", fix="use the model the adapter was made for")
+    if not weight.is_floating_point():  # a bitsandbytes layer: its packed integers cannot take a dense ΔW
+        raise ModelError(f"{where}: cannot fold a dense update into the quantised layer {module_name!r}",
+                         fix="load the base without quantize (precision bf16) for methods that fold updates into it")
     return weight
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from uniflow_cli.errors import ConfigError, DataError, ModelError, UsageError
 from uniflow_cli.models.settings import ModelSettings, PromptSettings
+from uniflow_cli.models.upcast import is_upcast
 
 SLOT_IDS = {"image": -1, "audio": -2}
 IGNORE_INDEX = -100
@@ -359,7 +360,9 @@ class UniflowModel(nn.Module):
         wrapper.model = self.encoders[modality]
         # The encoder may be stored in bfloat16 (build_base dtype): its float inputs (pixels, mel features,
         # waveforms) must match without relying on autocast; integer inputs (masks, lengths) stay as they are.
-        dtype = frozen_dtype(self.encoders[modality])
+        # An encoder rewired to float32 math (models.upcast) takes float32 inputs: no rounding of the pixels.
+        encoder = self.encoders[modality]
+        dtype = torch.float32 if is_upcast(encoder) else frozen_dtype(encoder)
         model_inputs = {
             k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items() if k != "rows"
         }

@@ -3,6 +3,8 @@
 * ``smol`` converts the three embedded files once (see :mod:`uniflow_cli.models.cache`) and loads the
   converted HF dirs; no hub, no network.
 * ``tiny-random`` builds the same architectures at toy size in memory (tests).
+* ``random-1b`` / ``random-7b`` build real architectures at real size with random weights, on the meta
+  device first, materialised in the training dtype (:mod:`uniflow_cli.models.scale`): memory and speed.
 * ``custom`` loads local HF dirs.
 
 :func:`base_fingerprint` names the frozen base: the preset plus the sha256 of the embedded sources,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Progress = Callable[[str], None]  # receives a one-line status ("converting dinov2-small ...")
 
 SMOL_PARTS = {"llm": cache.SMOLLM2, "image": cache.DINOV2, "audio": cache.WHISPER}
+SCALE_PRESETS = ("random-1b", "random-7b")  # models.scale.SCALE_PRESETS, kept literal: importing it costs nothing but a test checks
 
 
 def _converter(source: cache.EmbeddedSource) -> Callable[[Path, Path], dict[str, Any]]:
@@ -119,6 +122,10 @@ def base_fingerprint(settings: ModelSettings) -> str:
         from uniflow_cli.models.tiny import tiny_digest
 
         payload["tiny"] = tiny_digest()
+    elif settings.preset in SCALE_PRESETS:
+        from uniflow_cli.models.scale import scale_digest
+
+        payload["scale"] = scale_digest(settings.preset)
     else:
         from uniflow_cli.models.encoders import check_hf_dir
 
@@ -152,17 +159,8 @@ def load_parts(settings: ModelSettings, *, progress: Progress | None = None, dty
     from uniflow_cli.models import encoders as enc
 
     fingerprint = base_fingerprint(settings)
-    if settings.preset == "tiny-random":
-        from uniflow_cli.models import tiny
-
-        built: dict[str, Any] = {}
-        if "image" in settings.modalities:
-            built["image"] = enc.VisionEncoder(tiny.build_dinov2(dtype), settings.image_size)
-        if "audio" in settings.modalities:
-            built["audio"] = enc.WhisperAudioEncoder(
-                enc.cut_whisper_positions(tiny.build_whisper_encoder(dtype), settings.audio_max_seconds), settings.audio_max_seconds
-            )
-        return BaseParts(tiny.build_llm(dtype), tiny.build_tokenizer(), built, fingerprint)
+    if settings.preset == "tiny-random" or settings.preset in SCALE_PRESETS:
+        return _random_parts(settings, fingerprint, dtype, progress)
 
     if settings.preset == "smol":
         dirs = prepare(settings, progress=progress)
@@ -181,6 +179,31 @@ def load_parts(settings: ModelSettings, *, progress: Progress | None = None, dty
         if "audio" in enc_dirs:
             encoders["audio"] = enc.load_audio_dir(enc_dirs["audio"], settings.audio_max_seconds, dtype)
     return BaseParts(llm, tokenizer, encoders, fingerprint)
+
+
+def _random_parts(settings: ModelSettings, fingerprint: str, dtype: torch.dtype | None, progress: Progress | None) -> BaseParts:
+    """The random-weight presets, built in memory: ``tiny-random`` (tests) and the scale presets."""
+    from uniflow_cli.models import encoders as enc
+    from uniflow_cli.models import tiny
+
+    if settings.preset == "tiny-random":
+        build_llm, build_dinov2, build_whisper = tiny.build_llm, tiny.build_dinov2, tiny.build_whisper_encoder
+    else:
+        from functools import partial
+
+        from uniflow_cli.models import scale
+
+        if progress:
+            progress(f"materialising the {settings.preset} base (random weights)")
+        build_llm, build_dinov2, build_whisper = (partial(f, settings.preset) for f in (scale.build_llm, scale.build_dinov2, scale.build_whisper_encoder))
+    built: dict[str, Any] = {}
+    if "image" in settings.modalities:
+        built["image"] = enc.VisionEncoder(build_dinov2(dtype), settings.image_size)
+    if "audio" in settings.modalities:
+        built["audio"] = enc.WhisperAudioEncoder(
+            enc.cut_whisper_positions(build_whisper(dtype), settings.audio_max_seconds), settings.audio_max_seconds
+        )
+    return BaseParts(build_llm(dtype), tiny.build_tokenizer(), built, fingerprint)
 
 
 def _load_llm(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:

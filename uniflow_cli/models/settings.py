@@ -15,7 +15,7 @@ from uniflow_cli.errors import ConfigError, UsageError
 from uniflow_cli.settings import check_field_types, check_keys
 from uniflow_cli.settings import toml_type as _toml_type
 
-PRESETS = ("smol", "tiny-random", "custom")
+PRESETS = ("smol", "tiny-random", "random-1b", "random-7b", "custom")
 MODALITIES = ("image", "audio")  # text needs no encoder
 POOLS = ("cls", "mean", "adaptive")
 
@@ -63,8 +63,10 @@ class ModelSettings:
     """The ``[model]`` section of ``uniflow.toml``.
 
     * ``preset``: ``smol`` (embedded real weights: SmolLM2-135M-Instruct + DINOv2-small + Whisper tiny.en
-      encoder), ``tiny-random`` (same architectures, tiny random weights: tests), or ``custom`` (local HF
-      directories given in ``llm``, ``image_encoder``, ``audio_encoder``).
+      encoder), ``tiny-random`` (same architectures, tiny random weights: tests), ``random-1b`` /
+      ``random-7b`` (Llama-3.2-1B / Llama-2-7B shapes with encoders to match, random weights: memory and
+      speed at real size, :mod:`uniflow_cli.models.scale`), or ``custom`` (local HF directories given in
+      ``llm``, ``image_encoder``, ``audio_encoder``).
     * ``modalities``: which encoders to build (``image``, ``audio``); text never needs one.
     * ``pool``: Eq. 3's Pool — ``cls`` (the encoder's first token, 1 token), ``mean`` (1 token) or
       ``adaptive`` (adaptive average pooling of the patch/frame sequence to ``pool_tokens`` tokens, the
