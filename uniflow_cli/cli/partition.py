@@ -21,7 +21,8 @@ EXAMPLES: list[Example] = [
     ("the per-client summary as JSON", "uniflow partition -d text-qa --clients text:3 --out data/ --json | jq '.partition.clients[].count'"),
 ]
 EPILOG = epilog(EXAMPLES, [
-    "Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text). A path may be a .jsonl/.json/.csv/.parquet "
+    "Built-in datasets: easy-vqa (image), spoken-qa (audio, spoken by espeak-ng), text-qa (text); for classification snli "
+    "(premise/hypothesis, 3 labels) and rotten-tomatoes (2 labels), text too, whose answer is the class (label skew: --scheme dirichlet). A path may be a .jsonl/.json/.csv/.parquet "
     "file (media paths relative to it), a save_to_disk directory, or an image/audio folder with metadata.jsonl (file_name, question, answer). "
     "Media paths must stay inside the dataset's directory (symlinks followed) unless --allow-media-outside DIR names another trusted directory.",
     "Writes DATA/clients/<k>/, DATA/test/<modality>/ and DATA/partition.json (DATA = WORKSPACE/data or --out).",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from uniflow_cli.data.partition import SCHEMES, even_sizes, label_entropy, label_histogram, partition_indices
-from uniflow_cli.data.schema import COLUMNS, MODALITIES
+from uniflow_cli.data.schema import COLUMNS, MODALITIES, OPTIONAL_COLUMNS
 from uniflow_cli.data.source import EITHER, TEST, TRAIN, Source
 from uniflow_cli.data.userdata import Columns
 from uniflow_cli.errors import ConfigError, DataError, UnsafeInputError, UsageError, worded
@@ -43,7 +43,9 @@ class PartitionRequest:
 
     def __post_init__(self) -> None:
         if not self.datasets:
-            raise ConfigError.invalid("dataset", ConfigError.NO_VALUE, "names no dataset", fix="name easy-vqa, spoken-qa, text-qa, a file or a directory")
+            from uniflow_cli.data.builtin import BUILTINS
+
+            raise ConfigError.invalid("dataset", ConfigError.NO_VALUE, "names no dataset", fix=f"name {', '.join(BUILTINS)}, a file or a directory")
         if self.scheme not in SCHEMES:
             raise ConfigError.invalid("scheme", self.scheme, f"is not one of {', '.join(SCHEMES)}", example="iid")
         if self.scheme != "iid" and not (isinstance(self.alpha, (int, float)) and np.isfinite(self.alpha) and self.alpha > 0):
@@ -61,7 +63,7 @@ class PartitionRequest:
 def resolve_source(
     name: str, *, columns: Columns | None = None, seed: int = 0, allow_media_outside: Sequence[Path] = ()
 ) -> Source:
-    """A built-in name (``easy-vqa``, ``spoken-qa``, ``text-qa``) or a path to a user dataset (whose media
+    """A built-in name (``easy-vqa``, ``spoken-qa``, ``text-qa``, ``snli``, ``rotten-tomatoes``) or a path to a user dataset (whose media
     paths must stay under its directory or one of ``allow_media_outside``)."""
     from uniflow_cli.data.builtin import BUILTINS, load_builtin
 
@@ -422,7 +424,7 @@ def load_split(path: str | Path):
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # missing/corrupt arrow shards surface as many exception types
         raise DataError(f"cannot load dataset {path}: {str(exc).splitlines()[0]}", fix="re-create it with 'uniflow partition'") from exc
-    missing = [c for c in COLUMNS if c not in ds.column_names]
+    missing = [c for c in COLUMNS if c not in ds.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise DataError(
             f"{path} lacks column(s) {', '.join(missing)} (present: {', '.join(ds.column_names)})",
@@ -431,6 +433,25 @@ def load_split(path: str | Path):
     if len(ds) == 0:
         raise DataError(f"dataset {path} is empty (0 rows)", fix="re-run 'uniflow partition' with more data per client")
     _check_embedded(ds, path)
+    return _with_optional_columns(ds, path)
+
+
+def _with_optional_columns(ds: Any, path: Path) -> Any:
+    """``ds`` with ``text_pair`` checked to be strings, or added as all None to a shard written before it existed
+    (so every consumer sees one schema)."""
+    import datasets
+
+    from uniflow_cli.data.schema import features
+
+    want = features()
+    for col in OPTIONAL_COLUMNS:
+        feat = ds.features.get(col)
+        if feat is None:
+            ds = ds.add_column(col, [None] * len(ds), feature=want[col])
+        elif isinstance(feat, datasets.Value) and feat.dtype == "null":  # every value None, as a hand-made shard may type it
+            ds = ds.cast_column(col, want[col])
+        elif feat != want[col]:
+            raise DataError(f"{path}: column {col!r} is {feat!r}, not text", fix="re-create it with 'uniflow partition'")
     return ds
 
 

@@ -1,6 +1,7 @@
-"""The built-in datasets: ``easy-vqa`` (image QA), ``spoken-qa`` (audio QA), ``text-qa`` (text QA).
+"""The built-in datasets: ``easy-vqa`` (image QA), ``spoken-qa`` (audio QA), ``text-qa`` (text QA), and the
+NLU classification sets ``snli`` and ``rotten-tomatoes`` (:mod:`uniflow_cli.data.nlu`).
 
-All three work offline. ``spoken-qa`` and ``text-qa`` share one deterministic pool of ~29k templated
+All of them work offline. ``spoken-qa`` and ``text-qa`` share one deterministic pool of ~29k templated
 questions with checkable answers (arithmetic, comparisons, counting, spelling, calendar facts) and
 one fixed train/test split (by a hash of the question), so a text client never trains on a spoken
 test question and vice versa.
@@ -19,7 +20,7 @@ from uniflow_cli.data.schema import make_row
 from uniflow_cli.data.source import TEST, TRAIN, Progress, Source
 from uniflow_cli.errors import MissingDependencyError
 
-BUILTINS: tuple[str, ...] = ("easy-vqa", "spoken-qa", "text-qa")
+BUILTINS: tuple[str, ...] = ("easy-vqa", "spoken-qa", "text-qa", "snli", "rotten-tomatoes")
 
 _WORDS = (
     "apple banana cherry grape lemon mango orange peach pear plum river mountain ocean forest desert island "
@@ -71,14 +72,17 @@ def question_pool() -> tuple[tuple[str, str, str], ...]:
     return tuple(q)
 
 
-def _is_test_question(text: str) -> bool:
-    # A content hash, not an RNG: the split is the same for every seed and for text and speech alike.
-    return hashlib.sha256(text.encode()).digest()[0] % 5 == 0  # ~20 % test
+def hash_role(text: str) -> int:
+    """TEST for ~20 % of texts, else TRAIN: the split of a dataset that has none (text-qa, rotten-tomatoes).
+
+    A content hash, not an RNG: the split is the same for every seed, for text and speech alike, and a text
+    that occurs twice is on one side only."""
+    return TEST if hashlib.sha256(text.encode()).digest()[0] % 5 == 0 else TRAIN
 
 
 @lru_cache(maxsize=1)
 def _pool_roles() -> np.ndarray:
-    return np.array([TEST if _is_test_question(t) else TRAIN for t, _a, _k in question_pool()], dtype=np.int8)
+    return np.array([hash_role(t) for t, _a, _k in question_pool()], dtype=np.int8)
 
 
 def _voice_for(text: str, seed: int) -> tuple[str, int]:
@@ -190,4 +194,8 @@ def easy_vqa(seed: int = 0) -> Source:
 
 
 def load_builtin(name: str, seed: int = 0) -> Source:
+    from uniflow_cli.data import nlu  # imported here: nlu uses this module's hash_role
+
+    if name in nlu.NLU_BUILTINS:
+        return nlu.load_nlu(name, seed)
     return {"easy-vqa": easy_vqa, "spoken-qa": spoken_qa, "text-qa": text_qa}[name](seed)

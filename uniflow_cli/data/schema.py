@@ -1,6 +1,7 @@
 """The one sample schema every shard, test split and consumer (training, evaluation) shares.
 
-A row is one question/answer pair in one modality. Media are embedded as bytes so that a shard
+A row is one question/answer pair in one modality; a sentence-pair row (NLI) keeps its second text in
+``text_pair`` (None everywhere else). Media are embedded as bytes so that a shard
 directory is self-contained (it can be copied to a client machine alone). Audio stays undecoded
 (``Audio(decode=False)``) because datasets' own audio decoding needs torchcodec, which does not work
 beside the CPU torch build; :func:`uniflow_cli.data.media.load_audio` decodes it with soundfile.
@@ -12,7 +13,9 @@ from typing import Any
 
 MODALITIES: tuple[str, ...] = ("image", "audio", "text")
 SAMPLING_RATE = 16_000
-COLUMNS: tuple[str, ...] = ("id", "modality", "question", "answer", "image", "audio", "label")
+# text_pair comes last: shards written before it existed gain it as a null column on read, in the same place.
+COLUMNS: tuple[str, ...] = ("id", "modality", "question", "answer", "image", "audio", "label", "text_pair")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("text_pair",)  # may be absent from an older shard (read as all None)
 
 
 def features():
@@ -28,6 +31,7 @@ def features():
             "image": datasets.Image(),
             "audio": datasets.Audio(sampling_rate=SAMPLING_RATE, decode=False),
             "label": datasets.Value("string"),
+            "text_pair": datasets.Value("string"),
         }
     )
 
@@ -41,8 +45,10 @@ def make_row(
     image_bytes: bytes | None = None,
     audio_bytes: bytes | None = None,
     label: str | None = None,
+    text_pair: str | None = None,
 ) -> dict[str, Any]:
-    """One schema row; ``label`` defaults to the answer (the partition label)."""
+    """One schema row; ``label`` defaults to the answer (the partition label); ``text_pair`` is the second
+    text of a sentence pair (an NLI hypothesis), None for single texts and every QA row."""
     if modality not in MODALITIES:
         raise ValueError(f"modality {modality!r} is not one of {MODALITIES}")
     return {
@@ -54,6 +60,7 @@ def make_row(
         # A path with a .wav suffix tells any reader the container format of the bytes.
         "audio": {"bytes": audio_bytes, "path": f"{id}.wav"} if audio_bytes is not None else None,
         "label": answer if label is None else label,
+        "text_pair": text_pair,
     }
 
 
@@ -68,5 +75,8 @@ def rows_to_dataset(rows: list[dict[str, Any]]):
     from datasets.table import InMemoryTable
 
     feats = features()
-    table = pa.Table.from_pydict({name: [row[name] for row in rows] for name in COLUMNS}, schema=feats.arrow_schema)
+    # .get for the optional columns only: a row built by hand before text_pair existed still has every other key.
+    table = pa.Table.from_pydict(
+        {name: [row.get(name) if name in OPTIONAL_COLUMNS else row[name] for row in rows] for name in COLUMNS}, schema=feats.arrow_schema
+    )
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=feats))

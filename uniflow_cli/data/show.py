@@ -26,6 +26,7 @@ def show_samples(path: str | Path, *, n: int = 3, preview_dir: Path | None = Non
     media: list[tuple[str, bytes | Any]] = []
     for row in rows:
         item = {k: row[k] for k in ("id", "modality", "question", "answer", "label")}
+        item["text_pair"] = row["text_pair"]  # the hypothesis of a sentence pair (None for a single text)
         if row["image"] is not None:
             im = load_image(row["image"])
             item["media"] = f"image {im.width}×{im.height}"

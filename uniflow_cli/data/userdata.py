@@ -1,10 +1,11 @@
 """User datasets: JSONL/JSON/CSV/parquet files, ``save_to_disk`` directories, image/audio folders.
 
-Tables are read with ``datasets``; a row needs a question and an answer column and at most one media
-column (image or audio). Media paths are relative to the file (or folder) that names them. Audio is
-never decoded by ``datasets`` (that needs torchcodec): it is read with soundfile and stored as
-16 kHz mono WAV. Only the rows a partition selects are read, so one unreadable file elsewhere does
-not stop a partition; a selected one stops it with the file and row.
+Tables are read with ``datasets``; a row needs a question and an answer column, has at most one media
+column (image or audio) and, for sentence pairs (NLI), may carry a ``text_pair`` column (the second
+text). Media paths are relative to the file (or folder) that names them. Audio is never decoded by
+``datasets`` (that needs torchcodec): it is read with soundfile and stored as 16 kHz mono WAV. Only
+the rows a partition selects are read, so one unreadable file elsewhere does not stop a partition; a
+selected one stops it with the file and row.
 
 A dataset is untrusted: its media paths, resolved (symlinks followed), must lie under the dataset's
 directory or an ``allow_media_outside`` root, and name regular files (a FIFO would hang the reader,
@@ -31,6 +32,7 @@ AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
 TABLE_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLIT_ROLES = {"train": TRAIN, "test": TEST, "validation": TEST, "valid": TEST, "eval": TEST}
 MAX_MEDIA_BYTES = 256 * 1024 * 1024  # one image or clip; anything larger is a mistake, not a sample
+MAX_TEXT_CHARS = 1 << 20  # one question or text_pair (~a book chapter); anything larger is a mistake, not a sample
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Columns:
     question: str = "question"
     answer: str = "answer"
     media: str | None = None  # None: "image", else "audio", else "file_name" (folders), else text-only
+    text_pair: str = "text_pair"  # the second text of a sentence pair; optional (absent: None in every row)
 
 
 @dataclass
@@ -270,24 +273,42 @@ def _check_columns(parts: Sequence[Any], columns: Columns, media: str | None) ->
 @dataclass
 class _Rows:
     questions: list[str] = field(default_factory=list)
+    pairs: list[str | None] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     roles: list[int] = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # local index -> (part, row)
     extra: dict[str, list[str]] = field(default_factory=dict)  # scalar columns (labels for partitioning)
 
 
+def _text(value: Any, column: str, part: _Part, r: int) -> str | None:
+    """A text cell as a string (None: empty), typed and size-checked: untrusted tables may hold anything."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # numbers: a CSV column typed by datasets
+        raise DataError(f"row {r + 1} of {part.origin}: {column!r} holds a {type(value).__name__}, not text", fix="write it as a string")
+    text = str(value)
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataError(f"row {r + 1} of {part.origin}: {column!r} has {len(text):,} characters (at most {MAX_TEXT_CHARS:,})",
+                        fix="shorten it or drop the row")
+    return text if text.strip() else None
+
+
 def _collect_rows(parts: Sequence[Any], columns: Columns, media: str | None) -> _Rows:
-    """Questions, answers and roles of every row (each must have both), and the scalar columns all parts share."""
+    """Questions, answers, text pairs and roles of every row (each needs a question and an answer), and the
+    scalar columns all parts share (free text — question, text_pair — is never a label)."""
     rows = _Rows()
     present = list(parts[0].ds.column_names)
-    scalar_cols = [c for c in present if c not in (columns.question, media) and all(c in p.ds.column_names for p in parts)]
+    texts = (columns.question, columns.text_pair, media)
+    scalar_cols = [c for c in present if c not in texts and all(c in p.ds.column_names for p in parts)]
     for pi, part in enumerate(parts):
         qs, ans = part.ds[columns.question], part.ds[columns.answer]
-        for r, (q, a) in enumerate(zip(qs, ans)):
-            if q is None or a is None or str(q).strip() == "":
-                col = columns.question if q is None or str(q).strip() == "" else columns.answer
-                raise DataError(f"row {r + 1} of {part.origin} has no {col!r}", fix="fill it or drop the row")
-            rows.questions.append(str(q))
+        pairs = part.ds[columns.text_pair] if columns.text_pair in part.ds.column_names else [None] * len(qs)
+        for r, (q, a, pair) in enumerate(zip(qs, ans, pairs)):
+            q = _text(q, columns.question, part, r)
+            if q is None or a is None:
+                raise DataError(f"row {r + 1} of {part.origin} has no {columns.question if q is None else columns.answer!r}", fix="fill it or drop the row")
+            rows.questions.append(q)
+            rows.pairs.append(_text(pair, columns.text_pair, part, r))
             rows.answers.append(str(a))
             rows.roles.append(part.role)
             rows.where.append((pi, r))
@@ -326,7 +347,7 @@ def _fetcher(name: str, modality: str, parts: Sequence[Any], media: str | None, 
                         fix=f"replace the file with a valid {modality} or drop the row",
                     ) from exc
             out.append(make_row(id=f"{name}-{int(i)}", modality=modality, question=rows.questions[int(i)],
-                                answer=rows.answers[int(i)], **media_kw))
+                                answer=rows.answers[int(i)], text_pair=rows.pairs[int(i)], **media_kw))
             if progress:
                 progress(1)
         return out
