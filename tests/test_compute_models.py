@@ -317,3 +317,17 @@ def test_gradient_checkpointing_is_off_in_eval_and_skips_unsupported_encoders():
     with torch.no_grad():
         m(collate(BATCH_SAMPLES, m))
     assert {part: c[0] for part, c in calls.items()} == {"llm": 1, "image": 1, "audio": 1}
+
+
+def test_answer_only_token_counts_equal_the_full_logits_counts() -> None:
+    """Evaluation's teacher-forced accuracy from the answer-only head equals metrics.token_accuracy on the full logits."""
+    from uniflow_cli.metrics import answer_token_counts, token_accuracy
+
+    model = _model(None)
+    batch = collate(BATCH_SAMPLES, model)
+    with torch.no_grad():
+        full = model(batch).logits
+        answer = model(batch, full_logits=False)
+    expected = [token_accuracy(full[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(BATCH_SAMPLES))]
+    counts = answer_token_counts(answer.logits, answer.labels, answer.rows, len(BATCH_SAMPLES))
+    assert counts == expected and sum(t for _c, t in counts) > 0

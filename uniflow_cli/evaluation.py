@@ -106,13 +106,24 @@ def _checked_groups(model: Any, datasets_by_modality: Mapping[str, Any], limit: 
     return groups
 
 
+def _teacher_forced_counts(out: Any, labels: Any, n_rows: int) -> list[tuple[int, int]]:
+    """Per row ``(correct, total)`` answer tokens: from the answer-only head when the model ran it, else
+    from the full logits (an LLM whose head is more than ``lm_head(hidden)``)."""
+    from uniflow_cli.metrics import answer_token_counts, token_accuracy
+    from uniflow_cli.models.multimodal import AnswerOutput
+
+    if isinstance(out, AnswerOutput):
+        return answer_token_counts(out.logits.float().cpu(), out.labels.cpu(), out.rows.cpu(), n_rows)
+    logits = out.logits.float().cpu()
+    return [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(n_rows)]
+
+
 def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None, seed: int) -> list[dict[str, Any]]:
     """Per-sample records: teacher-forced token counts and the greedy prediction, batch by batch, on
     ``options.device`` under ``options.precision``'s autocast (None: fp32)."""
     import torch
 
     from uniflow_cli.compute import autocast, check_precision, place, resolve_device, to_device
-    from uniflow_cli.metrics import token_accuracy
     from uniflow_cli.models import collate
 
     device, precision = resolve_device(options.device), options.precision or "fp32"
@@ -128,8 +139,7 @@ def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: E
                 chunk = rows[start : start + options.batch_size]
                 with torch.inference_mode(), autocast(device, precision):
                     batch = collate(chunk, model, train=True)
-                    logits, labels = model(to_device(batch, device)).logits.float().cpu(), batch["labels"]
-                    counts = [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(len(chunk))]
+                    counts = _teacher_forced_counts(model(to_device(batch, device), full_logits=False), batch["labels"], len(chunk))
                     prompts = collate(chunk, model, train=False)
                     predictions = model.generate(to_device(prompts, device), max_new_tokens=options.max_new_tokens)
                 cut = [a or b for a, b in zip(batch["truncated"], prompts["truncated"])]

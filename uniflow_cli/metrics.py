@@ -83,6 +83,21 @@ METRIC_DEFINITIONS: dict[str, str] = {
 # --------------------------------------------------------------------------------------------------
 # Token accuracy
 # --------------------------------------------------------------------------------------------------
+def answer_token_counts(logits: Any, labels: Any, rows: Any, n_rows: int) -> list[tuple[int, int]]:
+    """Per batch row, :func:`token_accuracy`'s ``(correct, total)`` from the answer positions alone.
+
+    ``logits`` (N, vocab), ``labels`` (N,) and ``rows`` (N,) are what the answer-only forward returns
+    (:class:`~uniflow_cli.models.multimodal.AnswerOutput`): the LM head ran only where a label counts, so
+    the counts are those of the full-logits path without its (batch, seq, vocab) tensor."""
+    import torch
+
+    hits = (torch.as_tensor(logits).argmax(dim=-1) == torch.as_tensor(labels)).long()
+    rows = torch.as_tensor(rows).long()
+    correct = torch.zeros(n_rows, dtype=torch.long).index_add_(0, rows, hits)
+    total = torch.zeros(n_rows, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
+    return [(int(c), int(t)) for c, t in zip(correct, total)]
+
+
 def token_accuracy(logits: Any, labels: Any, ignore_index: int = -100) -> tuple[int, int]:
     """Teacher-forced next-token accuracy over the reference answer tokens.
 
