@@ -8,7 +8,7 @@ Llama-3.2-1B shapes + DINOv2-base; ``random-7b``: Llama-2-7B / Vicuna-7B + DINOv
 materialised from the meta device in the precision), add LoRA (r = 8 on q/v and the encoder), then
 ``training.train_loop`` — the loop ``uniflow local-train`` runs — for ``--steps`` steps on image questions
 (the encoder and the LLM both train: ``stages = "joint"``). Printed per configuration: build seconds,
-seconds per step (the mean after the first), peak RSS (and peak GPU memory on CUDA), the math mode (``compute.math_mode``: on a CPU
+seconds per step (the mean after the first; wall and CPU seconds of all threads), peak RSS (and peak GPU memory on CUDA), the math mode (``compute.math_mode``: on a CPU
 without bf16 kernels bf16 is storage only and the matmuls run in float32) and the first loss.
 
 Configurations: ``fp32``, ``bf16``, ``nf4`` (QLoRA: the LLM's linear layers in 4 bits, over a bf16 base),
@@ -68,13 +68,16 @@ def worker(args) -> None:
         enable_gradient_checkpointing(model)
     built = time.perf_counter() - started
     cfg = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=1e-4, stages="joint", warmup_ratio=0.0, precision=precision)
-    times: list[float] = [time.perf_counter()]
+    # Wall and CPU time (all threads) per step: on a shared machine the CPU seconds are the steadier figure.
+    times: list[tuple[float, float]] = [(time.perf_counter(), time.process_time())]
     stats = train_loop(model, samples(args.batch_size * args.steps, 0), cfg, method="fedA2", seed=0, device=device,
-                       on_step=lambda *_: times.append(time.perf_counter()))
-    steps = [b - a for a, b in zip(times, times[1:])]
+                       on_step=lambda *_: times.append((time.perf_counter(), time.process_time())))
+    steps = [b[0] - a[0] for a, b in zip(times, times[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(times, times[1:])]
     print(json.dumps({
         "config": args.config, "preset": args.preset, "build_s": round(built, 1), "first_step_s": round(steps[0], 2),
         "step_s": round(sum(steps[1:]) / max(1, len(steps) - 1), 2) if len(steps) > 1 else round(steps[0], 2),
+        "cpu_s_per_step": round(sum(cpu[1:]) / max(1, len(cpu) - 1), 2) if len(cpu) > 1 else round(cpu[0], 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "math": stats.math,
         "first_loss": round(stats.losses[0], 4), "tokens": stats.tokens, "device": str(device),
         **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)} if device.type == "cuda" else {}),

@@ -80,6 +80,23 @@ def test_upcast_linear_gradient_equals_dense_and_keeps_only_the_bf16_weight() ->
     assert not any(t.dtype == torch.float32 and t.shape == weight.shape for t in saved)
 
 
+def test_a_large_weight_is_converted_in_row_blocks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uniflow_cli.models.upcast as upcast
+
+    monkeypatch.setattr(upcast, "CHUNK_ELEMENTS", 10)  # 2 rows of 5 per block: 3 blocks for 6 rows
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(6, 5, generator=gen).to(BF16), torch.randn(6, generator=gen).to(BF16)
+    x = torch.randn(2, 3, 5, generator=gen, requires_grad=True)
+    y = UpcastLinear.apply(x, weight, bias)
+    (y * torch.arange(6.0)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = nn.functional.linear(x_ref, weight.float(), bias.float())
+    (y_ref * torch.arange(6.0)).sum().backward()
+    assert len(upcast._row_blocks(weight)) == 3
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_upcast_is_idempotent_and_skips_trainable_and_float32_modules() -> None:
     model = nn.Sequential(nn.Linear(4, 4).to(BF16), nn.LayerNorm(4).to(BF16), nn.Linear(4, 4))
     model[0].requires_grad_(False)

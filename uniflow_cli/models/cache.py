@@ -136,3 +136,51 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"cache entry {directory} has no readable {MANIFEST}", fix="run 'uniflow models prepare'") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-precision variants of an entry
+# --------------------------------------------------------------------------------------------------
+def variant_dir(entry: Path, dtype_name: str) -> Path:
+    """Where the ``dtype_name`` (``bfloat16`` | ``float16``) copy of a float32 cache entry lives."""
+    return entry.parent / f"{entry.name}-{dtype_name}"
+
+
+def ensure_variant(entry: Path, dtype_name: str, *, progress: Any = None) -> Path:
+    """The verified copy of the float32 ``entry`` whose floating tensors are stored in ``dtype_name``.
+
+    Loading a bf16 base from the float32 files maps (and counts in the peak RSS) twice the bytes it keeps;
+    from this copy it maps what it keeps. Every non-weight file is copied as is; each ``*.safetensors`` is
+    rewritten with its floating tensors cast (integer tensors unchanged), deterministically. Built once,
+    published atomically, checked like the entry (its manifest names the entry it came from)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from uniflow_cli.atomic import publish_dir
+
+    manifest = read_manifest(entry)
+    source_sha = manifest["source_sha256"]
+    target = variant_dir(entry, dtype_name)
+    if check_entry(target, source_sha) is None:
+        return target
+    if progress:
+        progress(f"writing a {dtype_name} copy of {entry.name} (first use)")
+    dtype = getattr(torch, dtype_name)
+    with publish_dir(target, force=True) as tmp:
+        for path in sorted(entry.rglob("*")):
+            if not path.is_file() or path.name == MANIFEST:
+                continue
+            dest = tmp / path.relative_to(entry)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".safetensors":
+                tensors = load_file(str(path))
+                save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(tensors.items())},
+                          str(dest), metadata={"format": "pt"})
+            else:
+                shutil.copyfile(path, dest)
+        source = EmbeddedSource(name=target.name, package="", distribution=manifest["source"].split(":", 1)[0],
+                                relpath=manifest["source"].split(":", 1)[-1])
+        write_manifest(tmp, source=source, source_sha=source_sha, extra={"dtype": dtype_name, "variant_of": entry.name})
+    return target

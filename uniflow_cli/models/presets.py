@@ -164,6 +164,10 @@ def load_parts(settings: ModelSettings, *, progress: Progress | None = None, dty
 
     if settings.preset == "smol":
         dirs = prepare(settings, progress=progress)
+        if dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16"):
+            # Load a low-precision base from a copy stored in that dtype: from the float32 files the peak RSS
+            # would count both the mapped float32 pages and the converted tensors.
+            dirs = {part: cache.ensure_variant(path, str(dtype).removeprefix("torch."), progress=progress) for part, path in dirs.items()}
         llm_dir = dirs["llm"]
         enc_dirs = {m: dirs[m] for m in settings.modalities}
     else:

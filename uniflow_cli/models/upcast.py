@@ -31,6 +31,16 @@ _LOW = (torch.bfloat16, torch.float16)
 MARK = "_uniflow_upcast"
 
 
+#: Largest float32 copy of a weight made at once (elements): a bigger weight — a 128k-vocabulary LM head is
+#: 262M — is converted in row blocks, so the transient copy stays ~64 MB whatever the layer.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_blocks(weight: torch.Tensor) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
 class UpcastLinear(torch.autograd.Function):
     """``y = x Wᵀ + b`` in float32 from a low-precision frozen ``W``; the gradient flows to ``x`` only."""
 
@@ -38,13 +48,24 @@ class UpcastLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)  # the stored bf16 tensor itself: no float32 copy outlives this call
         ctx.x_dtype = x.dtype
-        return nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        x = x.float()
+        blocks = _row_blocks(weight)
+        if len(blocks) == 1:
+            return nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+        out = torch.cat([x @ weight[rows].float().T for rows in blocks], dim=-1)
+        return out if bias is None else out + bias.float()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (weight,) = ctx.saved_tensors
-        grad_x = grad.float() @ weight.float() if ctx.needs_input_grad[0] else None
-        return (None if grad_x is None else grad_x.to(ctx.x_dtype)), None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad = grad.float()
+        grad_x = None
+        for rows in _row_blocks(weight):  # Σ over output blocks of grad[…, block] · W[block]
+            part = grad[..., rows] @ weight[rows].float()
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def _low_tensors(module: nn.Module) -> list[tuple[dict, str]]:
