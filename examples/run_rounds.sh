@@ -10,7 +10,7 @@
 #   WS=fed  PRESET=smol  METHOD=fedA2  ROUNDS=3  CLIENTS=image:2,audio:2  TAU=0.25  LAMBDA=1.0
 #   STEPS=12  BATCH=4  LR=1e-3  DATASETS="easy-vqa spoken-qa"  TRAIN_PER_CLIENT=64  TEST_PER_MODALITY=32
 #   SCHEME=iid  ALPHA=0.5  SEED=0  JOBS=1 (clients trained in parallel)  EVAL_EVERY=0 (1: evaluate every round)
-#   EVAL_LIMIT=32  MAX_NEW_TOKENS=8  STAGES=two-stage  UNIFLOW=uniflow
+#   EVAL_LIMIT=32  MAX_NEW_TOKENS=8  STAGES=two-stage  PRECISION=fp32 (bf16: the frozen base in bf16)  UNIFLOW=uniflow
 #   PERSONAL_EVAL=1 for fedsa (also evaluate each client's personalised model: global A + its private B)
 set -euo pipefail
 
@@ -35,6 +35,7 @@ EVAL_EVERY=${EVAL_EVERY:-0}
 EVAL_LIMIT=${EVAL_LIMIT:-32}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-8}
 STAGES=${STAGES:-two-stage}
+PRECISION=${PRECISION:-fp32}
 UNIFLOW=${UNIFLOW:-uniflow}
 if [ "$METHOD" = fedsa ]; then PERSONAL_EVAL=${PERSONAL_EVAL:-1}; else PERSONAL_EVAL=0; fi
 
@@ -57,21 +58,21 @@ $UNIFLOW partition "${dataset_flags[@]}" --clients "$CLIENTS" --scheme "$SCHEME"
 clients=$(ls "$WS/data/clients" | sort -n)
 
 say "evaluate the base (round 0)"
-$UNIFLOW evaluate --round 0 -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+$UNIFLOW evaluate --round 0 -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS" --precision "$PRECISION"
 
 for r in $(seq 1 "$ROUNDS"); do
   say "round $r: local training ($(echo $clients | wc -w) clients, $JOBS at a time)"
   printf '%s\n' $clients | xargs -P "$JOBS" -I{} \
-    $UNIFLOW local-train --client {} -w "$WS" --round "$r" --stages "$STAGES" --stage-tau "$TAU"
+    $UNIFLOW local-train --client {} -w "$WS" --round "$r" --stages "$STAGES" --stage-tau "$TAU" --precision "$PRECISION"
   say "round $r: aggregate ($METHOD)"
   $UNIFLOW aggregate --round "$r" -w "$WS" --method "$METHOD" --lambda "$LAMBDA" --min-clients 1
   if [ "$EVAL_EVERY" = 1 ] || [ "$r" = "$ROUNDS" ]; then
     say "round $r: evaluate"
-    $UNIFLOW evaluate --round "$r" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+    $UNIFLOW evaluate --round "$r" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS" --precision "$PRECISION"
     if [ "$PERSONAL_EVAL" = 1 ]; then
       for k in $clients; do  # right after the round: a client's private B is overwritten by its next round
         say "round $r: evaluate client $k's personalised model"
-        $UNIFLOW evaluate --round "$r" --client "$k" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS"
+        $UNIFLOW evaluate --round "$r" --client "$k" -w "$WS" --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW_TOKENS" --precision "$PRECISION"
       done
     fi
   fi

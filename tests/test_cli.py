@@ -86,8 +86,8 @@ def test_root_help_lists_commands_in_workflow_order():
     assert result.exit_code == 0, result.output
     listed = re.findall(r"^│ ([a-z-]+) {2,}", result.stdout, flags=re.MULTILINE)
     listed = [name for name in listed if name in WORKFLOW]
-    assert listed[:5] == ["init", "partition", "local-train", "aggregate", "evaluate"]
-    assert listed == list(WORKFLOW) and len(WORKFLOW) == 11
+    assert listed[:6] == ["init", "partition", "local-train", "aggregate", "simulate", "evaluate"]
+    assert listed == list(WORKFLOW) and len(WORKFLOW) == 12
 
 
 def test_root_help_has_the_first_example_of_every_command():
@@ -161,7 +161,7 @@ def _json(result) -> dict:
 def test_models_list_and_prepare_json(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIFLOW_CACHE", str(tmp_path))
     listed = _json(runner.invoke(app, ["models", "list", "--json"]))
-    assert [p["preset"] for p in listed["presets"]] == ["smol", "tiny-random", "custom"] and listed["presets"][0]["default"] is True
+    assert [p["preset"] for p in listed["presets"]] == ["smol", "tiny-random", "random-1b", "random-7b", "minilm", "custom"] and listed["presets"][0]["default"] is True
     assert set(listed["cache"]["parts"]) == {"llm", "image", "audio"} and listed["cache"]["dir"].startswith(str(tmp_path))
     prepared = _json(runner.invoke(app, ["models", "prepare", "-p", "tiny-random", "--json"]))
     assert prepared == {"preset": "tiny-random", "needs_conversion": False, "parts": {}}

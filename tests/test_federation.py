@@ -201,6 +201,25 @@ def test_rerun_of_a_published_round_is_a_no_op_that_reports_late_drops(ws):
     assert (ws / "rounds" / "1" / "global" / TENSORS_FILE).read_bytes() == before
 
 
+def test_the_round_keeps_its_report_and_a_redone_round_replaces_it(ws):
+    """rounds/t/report.json is written beside every round's global; after the global is removed to redo the
+    round, the stale report is replaced (it described a global that is gone); a user's own file is not."""
+    train(ws, "0")
+    assert run("aggregate", "--round", "1", "-w", ws).exit_code == 0
+    report = ws / "rounds" / "1" / "report.json"
+    first = json.loads(report.read_text())
+    assert first["layers"] and first["rel_error_mean"] is not None  # the per-round fidelity, kept beside the global
+    shutil.rmtree(ws / "rounds" / "1" / "global")
+    result = run("aggregate", "--round", "1", "-w", ws)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text()) == first  # the same drops: the same report, rewritten
+    shutil.rmtree(ws / "rounds" / "1" / "global")
+    report.write_text("my notes\n")
+    result = run("aggregate", "--round", "1", "-w", ws)
+    assert result.exit_code != 0 and "report.json" in result.output and report.read_text() == "my notes\n"
+    assert not (ws / "rounds" / "1" / "global").exists()
+
+
 def test_two_servers_on_one_round_publish_once(ws):
     for c in ("0", "1", "2"):
         train(ws, c)
@@ -314,3 +333,30 @@ def test_end_to_end_rounds_with_real_processes(ws):
     assert [r["published"] for r in status["rounds"]] == [True, True, True]
     quorum_fail = uniflow("aggregate", "--round", "2", "-w", ws, "--force", "--min-clients", "2", check=False)
     assert quorum_fail.returncode == 1 and "quorum is 2" in quorum_fail.stderr
+
+
+def test_flora_carries_the_projectors_over_rounds_and_restarts_only_the_lora(ws):
+    """FLoRA merges each global's LoRA into the base and starts a fresh LoRA, but the projectors (non-LoRA
+    trainables) continue from the global's average, as in every other method."""
+    import torch
+
+    from uniflow_cli.adapters import read_adapter
+    from uniflow_cli.aggregation.registry import method_spec
+    from uniflow_cli.client_round import starting_model
+    from uniflow_cli.global_info import recorded_settings
+    from uniflow_cli.models import adapter_tensors
+    from uniflow_cli.workspace import Workspace
+
+    for client in ("0", "1"):
+        train(ws, client, "--method", "flora", "--stages", "joint", "--lr", "5e-3")
+    assert run("aggregate", "--round", "1", "-w", ws, "--method", "flora").exit_code == 0
+    start = read_adapter(ws / "rounds" / "1" / "global")
+    settings, lora = recorded_settings(start.meta, "round 1")
+    model, _folded = starting_model(start, settings, lora, method_spec("flora"), round_=2,
+                                    history=[(1, start)], started_from="round 1")
+    tensors = adapter_tensors(model)
+    projectors = [k for k in start.tensors if ".projectors." in k]
+    initial = read_adapter(Workspace(ws).global_dir(0)).tensors
+    assert projectors and all(torch.equal(tensors[k], start.tensors[k]) for k in projectors)
+    assert any(not torch.equal(start.tensors[k], initial[k]) for k in projectors)  # they did train in round 1
+    assert all(tuple(tensors[k].shape) != tuple(start.tensors[k].shape) for k in start.tensors if ".lora_" in k)  # LoRA restarted (rank r, not Σr)

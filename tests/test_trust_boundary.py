@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from uniflow_cli.adapters import META_FILE, TENSORS_FILE, AdapterMeta, file_sha256, read_adapter
+from uniflow_cli.adapters import META_FILE, TENSORS_FILE, read_adapter
 from uniflow_cli.cli.app import app
 from uniflow_cli.errors import UnsafeInputError
 from uniflow_cli.paths import check_id, confined, read_regular

@@ -19,7 +19,7 @@ from uniflow_cli.cli.app import app
 from uniflow_cli.data.build import check_partition_info, load_split, read_partition_info
 from uniflow_cli.data.schema import make_row, rows_to_dataset
 from uniflow_cli.data.userdata import Columns, load_user
-from uniflow_cli.errors import ConfigError, DataError, UniflowError, UsageError
+from uniflow_cli.errors import ConfigError, DataError, UniflowError
 from uniflow_cli.models.settings import ModelSettings, PromptSettings
 from uniflow_cli.workspace import AggregateSettings, LoraSettings, TrainSettings, dumps_config
 

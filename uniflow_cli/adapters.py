@@ -1,10 +1,12 @@
 """The adapter directory format — the only module that reads or writes it.
 
-An adapter directory is a PEFT LoRA adapter plus uniflow's metadata::
+An adapter directory is a PEFT LoRA (or VeRA) adapter plus uniflow's metadata::
 
     <adapter>/
       adapter_config.json        PEFT LoraConfig (r, lora_alpha, target_modules, use_rslora, modules_to_save, ...)
-      adapter_model.safetensors  PEFT key names (...lora_A.weight, ...lora_B.weight, projector weights)
+                                 or VeraConfig (r, projection_prng_key, d_initial, save_projection=true, ...)
+      adapter_model.safetensors  PEFT key names (...lora_A.weight, ...lora_B.weight, projector weights; VeRA:
+                                 ...vera_lambda_d, ...vera_lambda_b and the shared base_model.vera_A / vera_B)
       uniflow.json               format_version, role, client_id, round, num_examples, modalities, stage,
                                  method, base_fingerprint, sha256 of the tensors file(s), created, extra
       residual.safetensors       FedEx only: dense per-layer residual, keyed by the base weight it is added to
@@ -36,7 +38,7 @@ from typing import Any
 from uniflow_cli.atomic import publish_dir
 from uniflow_cli.errors import AdapterError, UniflowError, UnsafeInputError
 from uniflow_cli.paths import ID_RULE, is_real_dir, is_valid_id, read_regular, regular_file_problem
-from uniflow_cli.peft_keys import lora_modules
+from uniflow_cli.peft_keys import adapter_family, lora_modules, vera_modules
 from uniflow_cli.safetensors_io import FLOAT_DTYPES, FLOAT_NAMES, SafetensorsFile, file_sha256
 from uniflow_cli.safetensors_io import is_int_in as _is_int
 from uniflow_cli.safetensors_io import short_repr as _short
@@ -161,10 +163,12 @@ def _read_json(path: Path, what: str) -> Any:
 def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{path} does not hold a JSON object", fix="re-save the adapter with PEFT or uniflow")
-    if config.get("peft_type", "LORA") != "LORA":
+    if config.get("peft_type", "LORA") not in ("LORA", "VERA"):
         raise AdapterError(
-            f"{path}: peft_type={config.get('peft_type')!r} is not LORA", fix="uniflow aggregates LoRA adapters only"
+            f"{path}: peft_type={_short(config.get('peft_type'))} is not LORA or VERA", fix="uniflow trains and aggregates LoRA and VeRA adapters only"
         )
+    if config.get("peft_type") == "VERA":
+        return _check_vera_config(config, path)
     if config.get("use_dora"):
         raise AdapterError(f"{path}: use_dora=true is not supported", fix="train plain LoRA (use_dora=false)")
     r = config.get("r")
@@ -189,8 +193,34 @@ def _check_peft_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
+def _check_vera_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A VeraConfig's fields the aggregation and the model build rely on, by type and range."""
+    if not _is_int(config.get("r"), 1, 1 << 20):
+        raise AdapterError(f"{path}: r={_short(config.get('r'))} must be a positive integer", fix="re-save the adapter with a valid VeraConfig")
+    if not _is_int(config.get("projection_prng_key", 0), 0, (1 << 63) - 1):
+        raise AdapterError(f"{path}: projection_prng_key={_short(config.get('projection_prng_key'))} must be an integer in [0, 2^63)",
+                           fix="re-save the adapter with a valid VeraConfig")
+    # Without saved projections they would be regenerated from the key, which PEFT itself calls unreliable
+    # across systems: uniflow's federation is defined by the round-0 global's saved projections.
+    saved = config.get("save_projection", True)
+    if saved is not True:
+        shown = json.dumps(saved) if isinstance(saved, bool) else _short(saved)  # JSON's spelling: the file says false
+        raise AdapterError(f"{path}: save_projection={shown} (the projections are not in the adapter)",
+                           fix="save VeRA adapters with save_projection=true (uniflow always does)")
+    for name, low, high in (("d_initial", -math.inf, math.inf), ("vera_dropout", 0.0, 1.0)):
+        value = config.get(name, 0.0)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value < high):
+            raise AdapterError(f"{path}: {name}={_short(value)} is not a valid number", fix="re-save the adapter with a valid VeraConfig")
+    if not isinstance(config.get("fan_in_fan_out", False), bool):
+        raise AdapterError(f"{path}: fan_in_fan_out={_short(config.get('fan_in_fan_out'))} must be true or false", fix="re-save the adapter")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{path}: target_modules={_short(targets)} must be a list of names or a regex", fix="re-save the adapter")
+    return config
+
+
 def check_peft_config(config: Any, where: str) -> dict[str, Any]:
-    """A LoraConfig dict from an untrusted source (a Flower reply): the same checks as an adapter's file."""
+    """A LoraConfig or VeraConfig dict from an untrusted source (a Flower reply): the same checks as an adapter's file."""
     return _check_peft_config(config, Path(where))
 
 
@@ -250,7 +280,18 @@ class AdapterReader(Mapping):
         self.residual_path = self.path / RESIDUAL_FILE
         if verify:
             _verify_residual(self.residual_path, self.meta, meta_path)
-        self.modules, self.other_keys = lora_modules(self._keys)
+        # LoRA: {module: (A key, B key)}; VeRA: its vectors {module: (d key, b key)} and projection keys.
+        self.family = adapter_family(self.peft_config)
+        self.vera_modules: dict[str, tuple[str | None, str | None]] = {}
+        self.projection_keys: list[str] = []
+        try:
+            if self.family == "vera":
+                self.modules = {}
+                self.vera_modules, self.projection_keys, self.other_keys = vera_modules(self._keys)
+            else:
+                self.modules, self.other_keys = lora_modules(self._keys)
+        except AdapterError as exc:
+            raise AdapterError(f"{tensors_path}: {exc.problem}", fix=exc.fix) from None
 
     # Mapping protocol: reader[key] reads one tensor from disk.
     def __getitem__(self, key: str) -> Any:

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import IncompatibleAdaptersError
+from uniflow_cli.peft_keys import adapter_family, factor_side
 from uniflow_cli.schedule import mixed_seed
 from uniflow_cli.settings import TrainSettings
-from uniflow_cli.aggregation.registry import as_spec
+from uniflow_cli.aggregation.registry import as_spec, check_family
 from uniflow_cli.training import TrainStats, train_loop
 
-B_SUFFIX = ".lora_B.weight"
+def _is_B(key: str) -> bool:
+    """LoRA's B or VeRA's b: the output side, which FedSA keeps on the client."""
+    return factor_side(key) == "out"
 
 
 @dataclass
@@ -47,8 +50,8 @@ def upload_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def private_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The client's own B of a method that keeps it (FedSA), else None."""
-    return {k: v for k, v in tensors.items() if k.endswith(B_SUFFIX)} if as_spec(method).private_B else None
+    """The client's own B (VeRA: b) of a method that keeps it (FedSA), else None."""
+    return {k: v for k, v in tensors.items() if _is_B(k)} if as_spec(method).private_B else None
 
 
 def method_may_keep_state(method: str | None) -> bool:
@@ -94,6 +97,7 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
     from uniflow_cli.models import load_model, model_from_adapter
     from uniflow_cli.models.history import fold_history
     from uniflow_cli.models.lora import load_adapter_tensors, unwrap
+    from uniflow_cli.peft_keys import lora_modules
 
     if spec.merges_into_base and start.meta is not None and start.meta.round:
         # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
@@ -103,11 +107,16 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
         if fp is not None and fp != unwrap(model).fingerprint:
             raise IncompatibleAdaptersError(f"{started_from or 'the global'} was made for base {fp}, this model is {unwrap(model).fingerprint}",
                                             fix="use the model settings the global was made with")
+        # Only the LoRA restarts (the stacked global LoRA goes into the base): the other trainables — the
+        # projectors, a classifier head — continue from the global's average, as in every other method.
+        _pairs, carried = lora_modules(start.tensors)
+        if carried:
+            load_adapter_tensors(model, {k: start.tensors[k] for k in carried}, strict=False, where=started_from or "the global")
     else:
         model = model_from_adapter(settings, start, lora, dtype=dtype, build=build)
     folded = fold_history(model, history, spec).rounds if spec.folds_history else []
     if spec.private_B and private_B:
-        load_adapter_tensors(model, {k: v for k, v in private_B.items() if k.endswith(B_SUFFIX)}, strict=False, where=private_where)
+        load_adapter_tensors(model, {k: v for k, v in private_B.items() if _is_B(k)}, strict=False, where=private_where)
     return model, folded
 
 
@@ -145,8 +154,14 @@ def train_client_round(
     from uniflow_cli.compute import check_precision, compute_dtype, precision_dtype, resolve_device
     from uniflow_cli.models import adapter_tensors, enable_gradient_checkpointing, peft_config_dict
     from uniflow_cli.models.quantize import check_quantize, quantize_llm
+    from uniflow_cli.models.task import check_dataset_labels, check_global_task, check_train_settings
 
     spec = as_spec(method)
+    check_family(spec, adapter_family(start.peft_config))  # e.g. svd on a VeRA global: one line, before any build
+    # The task's demands (classify: one stage, a global of the same task and labels, every label known), before any build.
+    check_train_settings(settings, cfg)
+    check_global_task(start.meta, settings, started_from or "the global")
+    check_dataset_labels(dataset, settings, "the client's shard")
     device = resolve_device(device)
     check_precision(cfg.precision, device)  # before the model build: a wrong choice costs nothing
     check_quantize(cfg.quantize, device, spec)
@@ -164,6 +179,10 @@ def train_client_round(
     upload_bytes = sum(v.numel() * v.element_size() for v in shared.values())
     meta = client_meta(cfg, stats, model, dataset, spec=spec, settings=settings, lora=lora, client_id=client_id, round_=round_,
                        upload_bytes=upload_bytes, started_from=started_from, folded=folded, gradient_checkpointing=gradient_checkpointing)
+    if adapter_family(start.peft_config) == "vera":  # the layers' shapes and the projections it trained with, for the server
+        from uniflow_cli.models.vera_adapter import vera_record
+
+        meta.extra["vera"] = vera_record(model, tensors, drop=True)
     return ClientRound(shared, private_tensors(spec, tensors), peft_config_dict(model), meta, stats, upload_bytes, folded)
 
 

@@ -137,8 +137,19 @@ def resolve_target(request: EvalRequest) -> EvalTarget:
     for modality, rows in target.samples.items():
         if len(rows) == 0:
             raise DataError(f"the {modality} test set in {target.source} is empty (0 samples)", fix="re-run 'uniflow partition' with a test split")
+    _check_task(target)
     target.notices.extend(_target_notices(target))
     return target
+
+
+def _check_task(target: EvalTarget) -> None:
+    """Every adapter was made for the configured task (and labels); a classify model's test rows carry its labels."""
+    from uniflow_cli.models.task import check_dataset_labels, check_global_task
+
+    for loaded in target.adapters:
+        check_global_task(loaded.meta, target.model, str(loaded.path))
+    for modality, rows in target.samples.items():
+        check_dataset_labels(rows, target.model, f"the {modality} test set in {target.source}")
 
 
 def _workspace(given: Any, *, required: bool) -> Any:
@@ -224,6 +235,12 @@ def _explicit_settings(request: EvalRequest, ws: Any, final: Any, recorded: Any,
     from uniflow_cli.settings import LoraSettings, resolve, resolve_model
 
     if request.preset is not None:
+        from uniflow_cli.global_info import recorded_settings
+
+        # A classify adapter's own settings carry its labels, which no preset knows: the preset may only confirm them.
+        mine = recorded_settings(final.meta, str(final.path)) if final is not None else None
+        if mine is not None and mine[0].is_classify and mine[0].preset == request.preset:
+            return mine
         wanted = _adapter_modalities(final) if final is not None else [m for m in ENCODER_MODALITIES if m in samples]
         return resolve_model(None, {"preset": request.preset, "modalities": wanted}), resolve(LoraSettings, None)
     if recorded is not None:
@@ -400,19 +417,19 @@ def personalised(ws: Any, global_: Any, spec: Any, t: int, client: str) -> Any:
 
 
 def _private_B(private: Any, global_: Any, client: str, state: Path, t: int) -> dict[str, Any]:
-    """The client's B tensors, checked to cover the global's LoRA modules with the global A's rank."""
-    from uniflow_cli.peft_keys import lora_modules
+    """The client's B tensors (VeRA: its b vectors), checked to cover the global's LoRA modules with the global A's rank."""
+    from uniflow_cli.peft_keys import factor_modules, factor_side
 
     fix = "both must come from the same federation; re-train the client"
-    shared_modules, _ = lora_modules(global_.tensors.keys())
-    own_B = {k: v for k, v in private.tensors.items() if k.endswith(".lora_B.weight")}
-    private_modules, _ = lora_modules(own_B.keys())
+    shared_modules = factor_modules(global_.tensors.keys())
+    own_B = {k: v for k, v in private.tensors.items() if factor_side(k) == "out"}
+    private_modules = factor_modules(own_B.keys())
     if set(private_modules) != set(shared_modules):
         missing = sorted(set(shared_modules) ^ set(private_modules))
         raise AdapterError(f"client {client}'s private B in {state} and round {t}'s global cover different LoRA modules (e.g. {missing[0]})", fix=fix)
     for module, (a_key, _b) in shared_modules.items():
         b_key = private_modules[module][1]
-        if a_key is not None and own_B[b_key].shape[1] != global_.tensors[a_key].shape[0]:
+        if a_key is not None and own_B[b_key].dim() == 2 and own_B[b_key].shape[1] != global_.tensors[a_key].shape[0]:
             raise AdapterError(f"{module}: client {client}'s B has rank {own_B[b_key].shape[1]}, the global A rank {global_.tensors[a_key].shape[0]}", fix=fix)
     return own_B
 

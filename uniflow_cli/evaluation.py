@@ -177,8 +177,11 @@ def evaluate_model(
     ``max_length`` while it is tokenised (a huge question or answer costs no more than a long one).
     """
     from uniflow_cli.metrics import OVERALL, attach_bertscore, resolve_bertscore_model, summarize
+    from uniflow_cli.models.classify import is_classifier
 
     options = options or EvalOptions()
+    if is_classifier(model):
+        return evaluate_classifier(model, datasets_by_modality, options, on_batch=on_batch, seed=seed)
     resolve_bertscore_model(options.bertscore_model, options.bertscore_layers)  # a bad backbone fails before generation
     groups = _checked_groups(model, datasets_by_modality, options.limit)
     records = _generate(model, groups, options, on_batch, seed)
@@ -187,6 +190,66 @@ def evaluate_model(
     records = attach_bertscore(records, model_path=options.bertscore_model, num_layers=options.bertscore_layers)
     metrics = summarize(records)
     metrics[OVERALL]["modalities"] = list(groups)  # "overall" always says what it pools
+    by_modality: dict[str, list[dict[str, Any]]] = {m: [] for m in groups}
+    for rec in records:
+        by_modality[rec["modality"]].append(rec)
+    return metrics, by_modality
+
+
+def _predicted_labels(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None,
+                      seed: int) -> list[dict[str, Any]]:
+    """Per-sample records of a classifier: the argmax class of each row, batch by batch (eval mode, seeded)."""
+    import torch
+
+    from uniflow_cli.compute import autocast, check_precision, place, resolve_device, to_device
+    from uniflow_cli.models import collate
+    from uniflow_cli.models.multimodal import unwrap
+
+    device, precision = resolve_device(options.device), options.precision or "fp32"
+    check_precision(precision, device)
+    place(model, device, precision)
+    labels = unwrap(model).labels
+    total, done = sum(len(rows) for rows in groups.values()), 0
+    records: list[dict[str, Any]] = []
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for modality, rows in groups.items():
+            for start in range(0, len(rows), options.batch_size):
+                chunk = rows[start : start + options.batch_size]
+                with torch.inference_mode(), autocast(device, precision):
+                    batch = collate(chunk, model, train=False)
+                    predicted = model(to_device(batch, device)).logits.float().argmax(dim=-1).tolist()
+                for row, index, was_cut in zip(chunk, predicted, batch["truncated"]):
+                    records.append({
+                        "modality": modality, "id": str(row.get("id", "")), "question": str(row.get("question", "")),
+                        "text_pair": row.get("text_pair"), "prediction": labels[index], "reference": str(row.get("answer", "")).strip(),
+                        "truncated": was_cut,
+                    })
+                done += len(chunk)
+                if on_batch is not None:
+                    on_batch(done, total, modality)
+    return records
+
+
+def evaluate_classifier(
+    model: Any, datasets_by_modality: Mapping[str, Any], options: EvalOptions | None = None, *, on_batch: OnBatch | None = None, seed: int = 0
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """:func:`evaluate_model` for a classify model: the argmax class of every sample, then accuracy, macro-F1,
+    per-class scores and the confusion matrix per split and ``overall``
+    (:func:`uniflow_cli.metrics.classification_summary`). Every reference must be one of the model's labels."""
+    from uniflow_cli.metrics import OVERALL, classification_summary
+    from uniflow_cli.models.multimodal import unwrap
+    from uniflow_cli.models.task import check_dataset_labels
+
+    options = options or EvalOptions()
+    base = unwrap(model)
+    groups = _checked_groups(model, datasets_by_modality, options.limit)
+    for modality, rows in groups.items():
+        check_dataset_labels(rows, base.settings, f"the {modality} test set")
+    records = _predicted_labels(model, groups, options, on_batch, seed)
+    metrics = classification_summary(records, base.labels)
+    metrics[OVERALL]["modalities"] = list(groups)
     by_modality: dict[str, list[dict[str, Any]]] = {m: [] for m in groups}
     for rec in records:
         by_modality[rec["modality"]].append(rec)
@@ -246,6 +309,8 @@ def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions,
     from uniflow_cli.metrics import DEFAULT_BERTSCORE_MODEL, resolve_bertscore_model
     from uniflow_cli.models.lora import unwrap
 
+    if target.model.is_classify:
+        return _evaluate_classify_target(target, built, options, on_batch=on_batch)
     bs_dir, bs_layers = resolve_bertscore_model(options.bertscore_model, options.bertscore_layers)
     metrics, records = evaluate_model(built.model, target.samples, options, on_batch=on_batch)
     notices = [*target.notices, *built.notices]
@@ -280,6 +345,54 @@ def evaluate_target(target: EvalTarget, built: BuiltModel, options: EvalOptions,
     return EvalResult(payload=payload, path=target.out, round=payload["round"], notices=notices)
 
 
+def _evaluate_classify_target(target: EvalTarget, built: BuiltModel, options: EvalOptions, *, on_batch: OnBatch | None = None) -> EvalResult:
+    """:func:`evaluate_target` for a classify model: its payload records ``task`` and ``labels`` and has no
+    generation or BERTScore settings (see docs/evaluation.md, "Classification")."""
+    from uniflow_cli.compute import math_mode, resolve_device
+    from uniflow_cli.evaluation_io import build_eval_payload, write_eval_json
+    from uniflow_cli.models.lora import unwrap
+
+    metrics, records = evaluate_classifier(built.model, target.samples, options, on_batch=on_batch)
+    notices = [*target.notices, *built.notices]
+    max_length = unwrap(built.model).max_length
+    cut = sum(1 for recs in records.values() for rec in recs if rec["truncated"])
+    if cut:
+        notices.append(f"{cut} test sample(s) were longer than {max_length} tokens and were cut to fit")
+    client = {"client": target.client, "private_state": str(target.workspace.client_state(target.client))} if target.client is not None else {}
+    device = resolve_device(options.device)
+    payload = build_eval_payload(
+        round=target.round if target.round is not None else 0,
+        task="classify",
+        labels=list(target.model.labels),
+        adapter={"path": str(target.final.path) if target.final is not None else None, "method": target.method,
+                 "base_fingerprint": built.fingerprint, **client},
+        config={"limit": options.limit, "batch_size": options.batch_size, "data": target.source, "max_length": max_length,
+                "device": str(device), "precision": options.precision or "fp32", "math": math_mode(device, options.precision or "fp32")},
+        metrics=metrics,
+        samples={m: [{k: rec[k] for k in ("id", "question", "text_pair", "prediction", "reference")} for rec in recs[:SAMPLES_IN_JSON]]
+                 for m, recs in records.items()},
+    )
+    if target.explicit and target.round is None:
+        notices.append("the adapter records no round; the eval JSON says round 0")
+    write_eval_json(target.out, payload, force=target.force)
+    return EvalResult(payload=payload, path=target.out, round=payload["round"], notices=notices)
+
+
+def _check_task_options(target: EvalTarget, options: EvalOptions) -> None:
+    """QA: the BERTScore backbone resolves. Classify: no option that only generation or an LLM uses."""
+    from uniflow_cli.metrics import resolve_bertscore_model
+
+    if not target.model.is_classify:
+        resolve_bertscore_model(options.bertscore_model, options.bertscore_layers)
+        return
+    if options.quantize is not None:
+        raise ConfigError.invalid("quantize", options.quantize, "applies to a qa model's LLM; a classify model is not quantised",
+                                  fix="leave it unset")
+    if options.bertscore_model is not None or options.bertscore_layers is not None:
+        raise ConfigError.invalid("bertscore_model", options.bertscore_model or options.bertscore_layers,
+                                  "does not apply to a classify model (it generates no text to score)", fix="drop the BERTScore options")
+
+
 def run_evaluate(
     request: EvalRequest,
     options: EvalOptions | None = None,
@@ -291,12 +404,11 @@ def run_evaluate(
     the written payload. Every check runs before the model build; the output is refused before any work."""
     from uniflow_cli.compute import check_precision, compute_dtype, precision_dtype, resolve_device
     from uniflow_cli.models.quantize import check_quantize, quantize_llm
-    from uniflow_cli.metrics import resolve_bertscore_model
 
     options = options or EvalOptions()
-    resolve_bertscore_model(options.bertscore_model, options.bertscore_layers)  # a bad backbone fails first
     device = resolve_device(options.device)
     target = resolve_target(request)
+    _check_task_options(target, options)  # QA: a bad BERTScore backbone fails before the model build
     options = replace(options, device=str(device), precision=options.precision or train_precision(target.workspace))
     check_precision(options.precision, device)
     check_quantize(options.quantize, device)

@@ -15,7 +15,7 @@ from typing import Any
 
 from uniflow_cli.atomic import write_file_atomic
 from uniflow_cli.errors import DataError, UniflowError, UnsafeInputError
-from uniflow_cli.metrics import METRIC_DEFINITIONS, METRIC_KEYS, OVERALL
+from uniflow_cli.metrics import CLASSIFY_DEFINITIONS, METRIC_DEFINITIONS, OVERALL, metric_keys_of
 from uniflow_cli.paths import read_regular
 
 EVAL_FORMAT_VERSION = 1
@@ -35,15 +35,23 @@ def build_eval_payload(
     metrics: Mapping[str, Any],
     samples: Mapping[str, Any],
     definitions: Mapping[str, str] | None = None,
+    task: str | None = None,
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a payload in the documented key order (definitions default to METRIC_DEFINITIONS)."""
+    """Assemble a payload in the documented key order (definitions default to METRIC_DEFINITIONS).
+
+    ``task="classify"`` (with its ``labels``) adds ``task`` and ``labels`` after ``round`` and defaults the
+    definitions to CLASSIFY_DEFINITIONS; a QA payload (``task=None``) has neither key."""
+    head: dict[str, Any] = {"format_version": EVAL_FORMAT_VERSION, "round": round}
+    if task is not None:
+        head.update(task=task, labels=list(labels or []))
+    default = CLASSIFY_DEFINITIONS if task == "classify" else METRIC_DEFINITIONS
     payload = {
-        "format_version": EVAL_FORMAT_VERSION,
-        "round": round,
+        **head,
         "adapter": dict(adapter),
         "config": dict(config),
         "metrics": {k: dict(v) for k, v in metrics.items()},
-        "definitions": dict(METRIC_DEFINITIONS if definitions is None else definitions),
+        "definitions": dict(default if definitions is None else definitions),
         "samples": {k: [dict(s) for s in v] for k, v in samples.items()},
     }
     validate_eval_payload(payload)
@@ -78,10 +86,11 @@ def _validate(payload: Any) -> None:
         if adapter[key] is not None and not isinstance(adapter[key], str):
             raise _Invalid(f"adapter.{key} is {adapter[key]!r}, not a string or null")
 
+    classify = _validate_task(payload)
     config = payload["config"]
     if not isinstance(config, dict):
         raise _Invalid("config is not an object")
-    for key in ("max_new_tokens", "batch_size"):
+    for key in ("batch_size",) if classify else ("max_new_tokens", "batch_size"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _Invalid(f"config.{key} is {value!r}, not an integer >= 1")
@@ -89,9 +98,22 @@ def _validate(payload: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise _Invalid(f"config.limit is {limit!r}, not null or an integer >= 1")
     bs = config.get("bertscore")
-    if not isinstance(bs, dict) or not isinstance(bs.get("model"), str) or isinstance(bs.get("num_layers"), bool) or not isinstance(bs.get("num_layers"), int):
+    # A classifier generates nothing: its config has no generation length and no BERTScore backbone.
+    if not classify and (not isinstance(bs, dict) or not isinstance(bs.get("model"), str) or isinstance(bs.get("num_layers"), bool) or not isinstance(bs.get("num_layers"), int)):
         raise _Invalid("config.bertscore must be {\"model\": str, \"num_layers\": int}")
     _validate_results(payload)
+
+
+def _validate_task(payload: dict[str, Any]) -> bool:
+    """Whether the payload is a classify eval (``task`` and its ``labels``); a QA payload has no ``task``."""
+    if "task" not in payload:
+        return False
+    if payload["task"] != "classify":
+        raise _Invalid(f"task {payload['task']!r} is not 'classify' (a qa eval file records no task)")
+    labels = payload.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise _Invalid("labels must be a list of at least 2 class names")
+    return True
 
 
 def _validate_results(payload: dict[str, Any]) -> None:
@@ -104,7 +126,7 @@ def _validate_results(payload: dict[str, Any]) -> None:
     for modality, values in metrics.items():
         if not isinstance(values, dict):
             raise _Invalid(f"metrics.{modality} is not an object")
-        for key in METRIC_KEYS:
+        for key in metric_keys_of(payload):
             if key not in values:
                 raise _Invalid(f"metrics.{modality}.{key} missing (use null when not computed)")
             _check_number(f"metrics.{modality}.{key}", values[key])

@@ -15,6 +15,8 @@ Keys of ``extra``:
 * ``settings`` — ``{"model": {...}, "lora": {...}}``: the model the adapter is for, so explicit-mode
   commands need no workspace or ``--preset`` (written by ``uniflow init``, carried by every round)
 * ``seed`` — round 0 only: the seed of the initial adapter
+* ``vera`` — VeRA adapters only: ``{"layers": {module: [d_out, d_in]}}`` (and in drops the ``projections``'
+  sha256), what the server needs beside the vectors (:mod:`uniflow_cli.aggregation.vera_core`)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GlobalInfo:
     engine: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None
     seed: int | None = None
+    vera: dict[str, Any] | None = None
 
     def to_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"aggregation": self.aggregation, "options": self.options, "clients": self.clients, "notes": self.notes}
@@ -42,6 +45,8 @@ class GlobalInfo:
             extra["settings"] = self.settings
         if self.seed is not None:
             extra["seed"] = self.seed
+        if self.vera is not None:
+            extra["vera"] = self.vera
         return extra
 
     @classmethod
@@ -64,6 +69,7 @@ class GlobalInfo:
             engine=typed("engine", dict),
             settings=settings if settings and isinstance(settings.get("model"), dict) else None,
             seed=typed("seed", int),
+            vera=typed("vera", dict),  # checked where it is used (VeraRecord.of): a bad one is an error there, not dropped
         )
 
     @property
@@ -82,10 +88,10 @@ class GlobalInfo:
 
 
 def settings_record(model: Any, lora: Any) -> dict[str, Any]:
-    """``extra.settings`` for a ModelSettings and a LoraSettings."""
-    import dataclasses
+    """``extra.settings`` for a ModelSettings and a LoraSettings (the adapter family's keys only)."""
+    from uniflow_cli.settings import lora_table
 
-    return {"model": model.to_dict(), "lora": dataclasses.asdict(lora)}
+    return {"model": model.to_dict(), "lora": lora_table(lora)}
 
 
 def recorded_settings(meta: Any, where: str) -> tuple[Any, Any] | None:
@@ -138,7 +144,8 @@ def global_meta(
     """The global's ``uniflow.json`` (an AdapterMeta): the one builder of the file-drop server and Flower."""
     from uniflow_cli.adapters import AdapterMeta
 
-    info = GlobalInfo(aggregation=result.summary(), options=options, clients=clients, notes=list(result.notes), engine=engine, settings=settings)
+    info = GlobalInfo(aggregation=result.summary(), options=options, clients=clients, notes=list(result.notes), engine=engine, settings=settings,
+                      vera=getattr(result, "vera", None))
     return AdapterMeta(
         role="global",
         base_fingerprint=base_fingerprint,

@@ -265,13 +265,15 @@ def run_local_train(
     gradient_checkpointing: bool = False,
     on_step: StepHook | None = None,
     on_wait: Callable[[str], None] | None = None,
+    build: Callable[..., Any] | None = None,
 ) -> LocalTrainOutcome:
     """Resolve the target, train one client's round, publish the drop (and FedSA's private B).
 
     ``cfg`` is used as given; without it the training settings are ``overrides`` (field → value, None = not
     given) over the target workspace's ``[train]`` (explicit mode without ``workspace``: the built-in
     defaults). ``device`` (``auto | cpu | cuda[:N] | mps``) and ``gradient_checkpointing`` belong to this
-    machine, not to the experiment's settings. Nothing is published on error."""
+    machine, not to the experiment's settings. ``build`` makes the starting model (default
+    ``models.load_model``; ``uniflow simulate`` passes its pool of one loaded model). Nothing is published on error."""
     from uniflow_cli.atomic import check_writable_target
     from uniflow_cli.adapters import is_adapter_of_role
     from uniflow_cli.compute import check_precision, resolve_device
@@ -293,7 +295,7 @@ def run_local_train(
         inputs.cfg, inputs.start, inputs.dataset, inputs.model, inputs.lora, method=inputs.spec, client_id=inputs.client_id,
         round_=target.round, history=inputs.history, private_B=inputs.private_B, private_where=str(target.state_dir or "client state"),
         total_rounds=total_rounds, started_from=_recorded_path(target.ws, target.global_dir), device=device,
-        gradient_checkpointing=gradient_checkpointing, on_step=on_step,
+        gradient_checkpointing=gradient_checkpointing, on_step=on_step, build=build,
     )
     return publish(target, inputs, result, force=force)
 

@@ -45,7 +45,12 @@ METRIC_TITLES: dict[str, str] = {
     "bert_p": "P_BERT",
     "bert_r": "R_BERT",
     "bert_f1": "F_BERT",
+    "macro_f1": "Macro-F1",
 }
+#: The metric keys of a ``classify`` eval (its own set: a QA eval file holds exactly :data:`METRIC_KEYS`).
+CLASSIFY_METRIC_KEYS: tuple[str, ...] = ("acc", "macro_f1")
+#: Above this many classes the eval JSON leaves the confusion matrix out (it grows with the square).
+CONFUSION_MAX_LABELS = 100
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "acc": (
@@ -453,3 +458,104 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     summary = {name: _summarize_group(groups[name]) for name in sorted(groups)}
     summary[OVERALL] = _summarize_group(records)
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification (task classify): accuracy and macro-F1 from the confusion matrix
+# --------------------------------------------------------------------------------------------------
+CLASSIFY_DEFINITIONS: dict[str, str] = {
+    "acc": "Accuracy (%): the share of samples whose predicted class (the argmax of the classifier's logits) is the "
+           "reference class; 100 * trace(C) / sum(C) for the confusion matrix C.",
+    "macro_f1": "Macro-F1 (%): the unweighted mean over classes of F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), over the classes "
+                "that occur among the references or the predictions (a class neither present nor predicted is left out, "
+                "as scikit-learn does without an explicit label list).",
+    "confusion": "confusion[i][j]: samples of reference class labels[i] predicted as labels[j] (rows: references).",
+}
+
+
+def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_classes: int) -> list[list[int]]:
+    """``C[i][j]`` = how many samples of reference class ``i`` were predicted as class ``j``."""
+    if len(predictions) != len(references):
+        raise ValueError(f"confusion_matrix: {len(predictions)} predictions but {len(references)} references")
+    if num_classes < 1:
+        raise ValueError(f"confusion_matrix: num_classes {num_classes} must be >= 1")
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    for p, r in zip(predictions, references):
+        if not (0 <= int(p) < num_classes and 0 <= int(r) < num_classes):
+            raise ValueError(f"confusion_matrix: class index {p if not 0 <= int(p) < num_classes else r} is outside 0..{num_classes - 1}")
+        matrix[int(r)][int(p)] += 1
+    return matrix
+
+
+def accuracy_from_confusion(matrix: Sequence[Sequence[int]]) -> float | None:
+    """trace(C) / sum(C) (0–1); None for an empty matrix."""
+    total = sum(sum(row) for row in matrix)
+    return sum(matrix[i][i] for i in range(len(matrix))) / total if total else None
+
+
+def per_class_scores(matrix: Sequence[Sequence[int]]) -> list[dict[str, float | int | None]]:
+    """Per class: ``precision`` TP/(TP+FP), ``recall`` TP/(TP+FN), ``f1`` 2TP/(2TP+FP+FN) (0–1; None where the
+    denominator is 0) and ``support`` (its reference count)."""
+    n = len(matrix)
+    out = []
+    for c in range(n):
+        tp = matrix[c][c]
+        fn = sum(matrix[c]) - tp  # its row: references of class c predicted as another class
+        fp = sum(matrix[r][c] for r in range(n)) - tp  # its column: other classes predicted as c
+        out.append({
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None,
+            "support": tp + fn,
+        })
+    return out
+
+
+def macro_f1_from_confusion(matrix: Sequence[Sequence[int]]) -> float | None:
+    """Mean F1 over the classes present among references or predictions (0–1); None when there are none."""
+    scores = [s["f1"] for s in per_class_scores(matrix) if s["f1"] is not None]
+    return math.fsum(scores) / len(scores) if scores else None
+
+
+def _classify_group(records: list[Mapping[str, Any]], index: Mapping[str, int], labels: Sequence[str]) -> dict[str, Any]:
+    matrix = confusion_matrix([index[r["prediction"]] for r in records], [index[r["reference"]] for r in records], len(labels))
+    scores = per_class_scores(matrix)
+    out: dict[str, Any] = {
+        "acc": _pct(accuracy_from_confusion(matrix)),
+        "macro_f1": _pct(macro_f1_from_confusion(matrix)),
+        "n": len(records),
+        "per_class": {label: {k: (_pct(v) if k != "support" else v) for k, v in s.items()} for label, s in zip(labels, scores)},
+    }
+    if len(labels) <= CONFUSION_MAX_LABELS:
+        out["confusion"] = matrix
+    return out
+
+
+def classification_summary(records: Iterable[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per split (the records' ``modality``) and ``overall``: ``acc``, ``macro_f1`` (%), ``n``, ``per_class``
+    (precision, recall, F1 in %, support) and the ``confusion`` matrix (rows: references, in ``labels`` order;
+    left out above :data:`CONFUSION_MAX_LABELS` classes). A record holds ``modality``, ``prediction`` and
+    ``reference`` (class names from ``labels``)."""
+    records = list(records)
+    if not records:
+        raise ValueError("classification_summary: no records (empty test set)")
+    index = {label: i for i, label in enumerate(labels)}
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for i, rec in enumerate(records):
+        missing = [k for k in ("modality", "prediction", "reference") if k not in rec]
+        if missing:
+            raise ValueError(f"classification_summary: record {i} lacks {', '.join(missing)}")
+        unknown = next((rec[k] for k in ("prediction", "reference") if rec[k] not in index), None)
+        if unknown is not None:
+            raise ValueError(f"classification_summary: record {i} names class {unknown!r}, not one of {list(labels)}")
+        if not isinstance(rec["modality"], str) or not rec["modality"] or rec["modality"] == OVERALL:
+            raise ValueError(f"classification_summary: record {i} has invalid modality {rec['modality']!r}")
+        groups.setdefault(rec["modality"], []).append(rec)
+    summary = {name: _classify_group(groups[name], index, labels) for name in sorted(groups)}
+    summary[OVERALL] = _classify_group(records, index, labels)
+    return summary
+
+
+def metric_keys_of(payload: Mapping[str, Any]) -> tuple[str, ...]:
+    """The metric keys an eval payload's entries hold: its task's (a QA payload records no task)."""
+    return CLASSIFY_METRIC_KEYS if payload.get("task") == "classify" else METRIC_KEYS

@@ -19,10 +19,14 @@ from typing import Any
 from uniflow_cli.atomic import check_writable_target, publish_dir
 from uniflow_cli.errors import DataError, UsageError, worded
 from uniflow_cli.evaluation_io import read_eval_json
-from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
+from uniflow_cli.metrics import CLASSIFY_METRIC_KEYS, METRIC_KEYS, METRIC_TITLES, OVERALL
 
 #: The paper's Tables 1–3 columns.
 DEFAULT_METRICS: tuple[str, ...] = ("acc", "bert_p", "bert_r", "bert_f1")
+#: Each task's metric keys (a classify run: Table 4's accuracy, and macro-F1) and its default columns.
+TASK_METRICS: dict[str, tuple[str, ...]] = {"qa": METRIC_KEYS, "classify": CLASSIFY_METRIC_KEYS}
+TASK_DEFAULTS: dict[str, tuple[str, ...]] = {"qa": DEFAULT_METRICS, "classify": CLASSIFY_METRIC_KEYS}
+ALL_METRIC_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for keys in TASK_METRICS.values() for k in keys))
 BASE_LABEL = "–"
 REPORT_MD = "report.md"
 PNG_DPI = 100
@@ -115,17 +119,22 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunEvals:
     return RunEvals(name=name or default_run_name(run_dir), source=run_dir, rounds=dict(sorted(rounds.items())))
 
 
-def parse_metrics(spec: str | Sequence[str] | None) -> list[str]:
-    """``"acc,bert_f1"`` → ``["acc", "bert_f1"]``; unknown names are a UsageError listing the valid ones."""
+def parse_metrics(spec: str | Sequence[str] | None, task: str | None = "qa") -> list[str]:
+    """``"acc,bert_f1"`` → ``["acc", "bert_f1"]``; unknown names are a UsageError listing the valid ones.
+
+    ``task`` (``qa`` | ``classify``) picks the valid names and the default (None: any task's names, the
+    QA default; the runs' task is checked once they are read)."""
+    keys = TASK_METRICS[task] if task is not None else ALL_METRIC_KEYS
     if spec is None:
-        return list(DEFAULT_METRICS)
+        return list(TASK_DEFAULTS[task or "qa"])
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     items = [s for s in items if s]
     if not items:
-        raise worded(UsageError, "{metrics} is empty", "pass a comma-separated list of {keys}", keys=",".join(METRIC_KEYS))
+        raise worded(UsageError, "{metrics} is empty", "pass a comma-separated list of {keys}", keys=",".join(keys))
     for item in items:
-        if item not in METRIC_KEYS:
-            raise UsageError(f"unknown metric {item!r}", fix=f"use a comma-separated list of {','.join(METRIC_KEYS)}")
+        if item not in keys:
+            scope = f" for {task} runs" if task is not None and item in ALL_METRIC_KEYS else ""  # another task's metric
+            raise UsageError(f"unknown metric {item!r}{scope}", fix=f"use a comma-separated list of {','.join(keys)}")
     if len(set(items)) != len(items):
         raise worded(UsageError, "{metrics} {items} names a metric twice", "name each metric once", items=",".join(items))
     return items
@@ -147,6 +156,17 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
             )
         seen[run.name] = run.source
     return runs
+
+
+def runs_task(runs: Sequence[RunEvals]) -> str:
+    """The task every payload of ``runs`` was evaluated for (``qa`` records none); two tasks are one line."""
+    tasks = {(run.name, p.get("task", "qa")) for run in runs for p in run.rounds.values()}
+    names = sorted({task for _, task in tasks})
+    if len(names) > 1:
+        example = {task: run for run, task in sorted(tasks)}
+        raise UsageError(f"the runs mix {' and '.join(names)} evaluations (e.g. {', '.join(f'{r}: {t}' for t, r in example.items())})",
+                         fix="report the runs of each task separately")
+    return names[0] if names else "qa"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,8 +301,9 @@ def build_report(
     run_dirs: Sequence[str | Path], *, names: Sequence[str] | None = None, metrics: str | Sequence[str] | None = None
 ) -> Report:
     """Load the runs and build the table, its markdown and one PNG per metric (nothing written)."""
-    metric_list = parse_metrics(metrics)
+    parse_metrics(metrics, None)  # the names first, before any run is read
     runs = load_runs(run_dirs, names)
+    metric_list = parse_metrics(metrics, runs_task(runs))
     table = build_table(runs, metric_list)
     markdown = render_markdown(table, metric_list)
     pngs = {f"{metric}.png": plot_metric(runs, metric) for metric in metric_list}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from uniflow_cli.atomic import StagedFile, check_writable_target
 from uniflow_cli.errors import ConfigError, IncompatibleAdaptersError, UniflowError, UsageError, WorkspaceError
 from uniflow_cli.global_info import GlobalInfo, common_settings, global_meta
 from uniflow_cli.paths import overlap, read_regular
+from uniflow_cli.peft_keys import PROJECTION_KEYS
 from uniflow_cli.settings import UPLOAD_DTYPES as DTYPES
 from uniflow_cli.settings import WEIGHTINGS, AggregateSettings
 from uniflow_cli.workspace import Workspace
@@ -32,6 +33,9 @@ class OutputOptions:
     dtype: str = "float32"
     force: bool = False
     report_path: Path | None = None
+    #: The report may replace an earlier aggregate report without ``force``: the round command sets it for
+    #: its own ``rounds/t/report.json`` when round t has no global (that report describes a global now gone).
+    replace_report: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -156,12 +160,14 @@ def run_aggregate(
     _check_metadata(readers, start_reader)
     raw_weights = _client_weights(readers, settings.weighting, weights, notices)
 
-    clients = [ClientUpdate(r.label, r, r.peft_config) for r in readers]
-    start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config) if start_reader else None
+    clients = [ClientUpdate(r.label, r, r.peft_config, vera=GlobalInfo.of(r.meta).vera) for r in readers]
+    start_update = ClientUpdate(f"start {start_reader.path}", start_reader, start_reader.peft_config,
+                                vera=GlobalInfo.of(start_reader.meta).vera) if start_reader else None
     result = aggregate(clients, raw_weights, options, start=start_update, on_layer=on_layer)
 
     torch_dtype = getattr(torch, output.dtype)
-    tensors = {k: v.to(torch_dtype) for k, v in result.tensors.items()}
+    # VeRA's shared projections stay float32 whatever --dtype: rounding them would change every layer's A, B.
+    tensors = {k: v if k in PROJECTION_KEYS else v.to(torch_dtype) for k, v in result.tensors.items()}
     client_rows = [
         {"client_id": r.meta.client_id if r.meta else None, "path": str(r.path), "num_examples": r.meta.num_examples if r.meta else None, "weight": w}
         for r, w in zip(readers, result.weights)
@@ -195,7 +201,8 @@ def _check_targets(inputs: Sequence[Path], out: Path, output: OutputOptions, *, 
     check_outputs_apart(Path(out), output.report_path, [*inputs, *([start] if start is not None else [])])
     check_writable_target(Path(out), force=output.force, replaces=lambda p: is_adapter_of_role(p, "global"), kind="uniflow global adapter")
     if output.report_path is not None:
-        check_writable_target(Path(output.report_path), force=output.force, replaces=is_aggregate_report, kind="uniflow aggregate report")
+        check_writable_target(Path(output.report_path), force=output.force or output.replace_report, replaces=is_aggregate_report,
+                              kind="uniflow aggregate report")
 
 
 def _publish(out: Path, result: AggregationResult, tensors: dict[str, Any], meta: AdapterMeta, output: OutputOptions) -> tuple[Path, dict[str, int]]:
@@ -221,7 +228,8 @@ def _publish(out: Path, result: AggregationResult, tensors: dict[str, Any], meta
                 "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
             }
             text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
-            staged.append(StagedFile(Path(report_path), text.encode(), force=force, replaces=is_aggregate_report, kind="uniflow aggregate report"))
+            staged.append(StagedFile(Path(report_path), text.encode(), force=force or output.replace_report, replaces=is_aggregate_report,
+                                     kind="uniflow aggregate report"))
 
     try:
         written = write_adapter(
@@ -291,12 +299,17 @@ def run_round(
     """The server's round in a workspace: wait for drops (quorum), lock, fuse, publish ``rounds/t/global``.
 
     A second server on the same round waits for the first (with ``waiting.wait``) or fails with a clear
-    line; a rerun of a published round is a no-op that reports late drops.
+    line; a rerun of a published round is a no-op that reports late drops. The per-layer report goes to
+    ``output.report_path``, else ``rounds/t/report.json`` (kept every round: the fidelity ‖s·BA − U‖/‖U‖
+    over rounds; ``uniflow simulate`` writes the same file).
     """
     from uniflow_cli.federation import QuorumError, RoundLock, expected_clients, late_drops, round_published, scan_round, wait_for_drops
 
     if t < 1:
         raise ConfigError.invalid("round", t, "is the initial adapter written by 'uniflow init'", fix="aggregate rounds >= 1")
+    if output.report_path is None:
+        # An unpublished round's own report is stale (its global was removed to redo the round): replaceable.
+        output = replace(output, report_path=ws.round_report(t), replace_report=not round_published(ws, t))
     messages: list[str] = []
 
     def say(message: str) -> None:

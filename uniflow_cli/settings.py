@@ -97,9 +97,18 @@ def _finite(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class LoraSettings:
-    """``[lora]``: LoRA hyper-parameters shared by every client of an experiment."""
+    """``[lora]``: the adapter shared by every client of an experiment.
+
+    ``adapter`` is the family: ``lora`` (PEFT's LoraConfig; rsLoRA is ``use_rslora = true``) or ``vera``
+    (PEFT's VeraConfig: frozen random projections shared by every layer, from ``projection_prng_key``, and
+    trained vectors d, b per layer, d starting at ``d_initial``; ``r`` is VeRA's rank, ``lora_dropout`` its
+    ``vera_dropout``; ``lora_alpha`` does not apply: VeRA has no scaling). The targets are the same for both.
+    """
 
     SECTION: ClassVar[str] = "lora"
+    #: Keys only one family reads: the other family's tables leave them out (:func:`lora_table`).
+    ONLY_LORA: ClassVar[tuple[str, ...]] = ("lora_alpha", "use_rslora")
+    ONLY_VERA: ClassVar[tuple[str, ...]] = ("d_initial", "projection_prng_key")
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -109,15 +118,43 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     encoder_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"])
+    adapter: str = "lora"
+    d_initial: float = 0.1
+    projection_prng_key: int = 0
 
     def __post_init__(self) -> None:
+        from uniflow_cli.peft_keys import ADAPTER_FAMILIES  # torch-free
+
         check_field_types(self, "lora")
+        if self.adapter not in ADAPTER_FAMILIES:
+            rslora = " (rsLoRA is adapter lora with use_rslora = true)" if self.adapter == "rslora" else ""
+            raise ConfigError.invalid("adapter", self.adapter, f"is not one of {', '.join(ADAPTER_FAMILIES)}{rslora}", example="lora")
         if self.r < 1:
             raise ConfigError.invalid("r", self.r, "must be a positive integer", example=8)
         if not (_finite(self.lora_alpha) and self.lora_alpha > 0):
             raise ConfigError.invalid("lora_alpha", self.lora_alpha, "must be a positive number", example=2 * self.r)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError.invalid("lora_dropout", self.lora_dropout, "must be in [0, 1)", example=0.05)
+        if self.adapter == "vera" and self.use_rslora:
+            raise ConfigError("use_rslora=true with adapter vera: rsLoRA's scaling α/√r is LoRA's; VeRA has no scaling",
+                              fix="set adapter = \"lora\" for rsLoRA, or use_rslora = false for VeRA")
+        # d = 0 makes both vectors' gradients 0 at the start (ΔW = Λ_b B Λ_d A with b = 0): VeRA would never train.
+        if not (_finite(self.d_initial) and self.d_initial != 0):
+            raise ConfigError.invalid("d_initial", self.d_initial, "must be a finite non-zero number", example=0.1)
+        if not 0 <= self.projection_prng_key < 2**63:  # torch.Generator.manual_seed's range
+            raise ConfigError.invalid("projection_prng_key", self.projection_prng_key, "must be in [0, 2^63)", example=0)
+
+    @property
+    def is_vera(self) -> bool:
+        return self.adapter == "vera"
+
+
+def lora_table(settings: LoraSettings) -> dict[str, Any]:
+    """A ``[lora]`` table to write: the other family's keys left out (a LoRA table is what it was before
+    VeRA existed, byte for byte; a VeRA one has no lora_alpha that would look like it mattered)."""
+    data = dataclasses.asdict(settings)
+    drop = LoraSettings.ONLY_VERA + ("adapter",) if not settings.is_vera else LoraSettings.ONLY_LORA
+    return {k: v for k, v in data.items() if k not in drop}
 
 
 STAGE_PLANS = ("two-stage", "joint", "reverse", "llm-only", "encoder-only")

@@ -54,10 +54,11 @@ class TrainStats:
 
 
 def freeze_for_method(model: Any, method: Any) -> None:
-    """A method whose A is frozen (FFA-LoRA) never trains it, whatever the stage (requires_grad off)."""
+    """A method whose A is frozen (FFA-LoRA) never trains it, whatever the stage (requires_grad off); on
+    VeRA that is d (``vera_lambda_d``), the input side, as A is on LoRA (docs/aggregation.md, "VeRA")."""
     if as_spec(method).frozen_A:
         for name, param in model.named_parameters():
-            if ".lora_A." in name:
+            if ".lora_A." in name or ".vera_lambda_d." in f"{name}.":
                 param.requires_grad_(False)
 
 

@@ -8,6 +8,7 @@ else the nearest parent of the current directory holding ``uniflow.toml``. Layou
       data/partition.json             clients, modalities, counts, label histograms, seed
       data/clients/<k>/ data/test/<modality>/
       rounds/<t>/global/              what the server published for round t (round 0 = initial adapter)
+      rounds/<t>/report.json          the server's per-layer aggregation report of round t (aggregate --report)
       rounds/<t>/clients/<k>/         what client k dropped for round t
       state/clients/<k>/              client-private state that never leaves the client (FedSA's B)
       state/flower/<k>/globals/<t>/   a Flower node's copies of earlier globals (fedex/flora fold them)
@@ -74,6 +75,10 @@ class Workspace:
 
     def clients_dir(self, t: int) -> Path:
         return self._under("rounds", str(check_round(t)), "clients")
+
+    def round_report(self, t: int) -> Path:
+        """The per-layer report of round ``t``'s aggregation (beside the global, never inside it)."""
+        return self._under("rounds", str(check_round(t)), "report.json")
 
     def client_drop(self, t: int, client: int | str) -> Path:
         return self._under("rounds", str(check_round(t)), "clients", check_id(client))

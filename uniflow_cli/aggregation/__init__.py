@@ -4,6 +4,8 @@
 - :mod:`.linalg`   — per-layer linear algebra (Eq. 9–13, truncated SVD, Gram-based errors)
 - :mod:`.methods`  — one function per method fusing one layer, bound to its spec in ``METHODS``
 - :mod:`.core`     — validation and the layer-by-layer driver ``aggregate``
+- :mod:`.vera`     — every method on VeRA adapters (shared frozen A, B; vectors d, b), FedA²'s closed-form b
+- :mod:`.vera_core` — the VeRA layer driver ``aggregate`` hands VeRA adapters to (projections, layer shapes)
 
 The package imports torch only when a torch-backed name is used, so ``aggregation.registry`` stays light.
 """

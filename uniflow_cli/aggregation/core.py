@@ -53,11 +53,13 @@ class AggregationOptions:
 
 @dataclass
 class ClientUpdate:
-    """One input adapter: a label for messages, its tensors and its PEFT config."""
+    """One input adapter: a label for messages, its tensors and its PEFT config (and, for VeRA, its
+    ``uniflow.json`` ``extra.vera`` record: the layers' shapes and the projections' sha256, :mod:`.vera_core`)."""
 
     label: str
     tensors: Mapping[str, Tensor]
     peft_config: Mapping[str, Any]
+    vera: Mapping[str, Any] | None = None
 
     def shape(self, key: str) -> tuple[int, ...]:
         reader_shape = getattr(self.tensors, "shape", None)
@@ -91,6 +93,7 @@ class AggregationResult:
     residual: dict[str, Tensor] | None = None
     merge_into_base: bool = False
     notes: list[str] = field(default_factory=list)
+    vera: dict[str, Any] | None = None  # VeRA: the global's extra.vera record (the layers' shapes), :mod:`.vera_core`
 
     def summary(self) -> dict[str, Any]:
         errors = [l.rel_error for l in self.layers if l.rel_error is not None and math.isfinite(l.rel_error)]
@@ -285,7 +288,7 @@ def _check_frozen_A(client: ClientUpdate, key: str, A: Tensor, reference: Tensor
         )
 
 
-def _check_output(tensors: Mapping[str, Tensor], residual: Mapping[str, Tensor]) -> None:
+def check_output(tensors: Mapping[str, Tensor], residual: Mapping[str, Tensor]) -> None:
     """A global that is non-finite, or zero in every tensor, is never published: it can only come from
     broken inputs (overflowing factors, all-zero uploads) and would silently reset every client."""
     for key, tensor in [*tensors.items(), *residual.items()]:
@@ -336,11 +339,17 @@ def aggregate(
     compute_errors: bool = True,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> AggregationResult:
-    """Fuse ``clients`` with ``options.method``. Validates everything before any math."""
+    """Fuse ``clients`` with ``options.method``. Validates everything before any math.
+
+    VeRA adapters (``peft_type`` VERA) go to :func:`.vera_core.aggregate_vera`, the same contract."""
+    from uniflow_cli.aggregation.vera_core import aggregate_vera, is_vera
+
     if not clients:
         raise UsageError("no client adapters given", fix="pass one or more adapter directories")
     if len(raw_weights) != len(clients):
         raise UsageError(f"{len(raw_weights)} weights for {len(clients)} clients", fix="give exactly one weight per client")
+    if is_vera(clients, start):
+        return aggregate_vera(clients, raw_weights, options, start=start, compute_errors=compute_errors, on_layer=on_layer)
     method = METHODS[options.method]
     weights = normalize_weights(raw_weights)
     layers, other_keys = _plan(clients, method, start)
@@ -373,7 +382,7 @@ def aggregate(
     for key in other_keys:
         tensors[key] = linalg.weighted_average([client.get(key) for client in clients], weights)
 
-    _check_output(tensors, residual)
+    check_output(tensors, residual)
     return AggregationResult(
         tensors=tensors,
         peft_config=out_config,

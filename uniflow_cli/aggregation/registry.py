@@ -2,7 +2,8 @@
 
 The server core, local training, evaluation, the workspace and Flower used to test ``method == "ffa"``
 and the like wherever a method behaves differently. Those differences are properties of the method, so
-they live here, once; :mod:`.methods` binds each name to its fusing function. Importing this module costs
+they live here, once; :mod:`.methods` binds each name to its fusing function (:mod:`.vera` for VeRA adapters,
+where ``vera_undefined`` says why a method has no VeRA form). Importing this module costs
 no torch, so checking a name in a config file stays fast. No ``method.name ==`` outside this module.
 """
 
@@ -12,6 +13,7 @@ import difflib
 from dataclasses import dataclass
 
 from uniflow_cli.errors import ConfigError
+from uniflow_cli.peft_keys import ADAPTER_FAMILIES, factor_side
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class MethodSpec:
     residual: bool = False  # the global carries a dense residual that clients fold into W0 (FedEx)
     private_B: bool = False  # each client keeps its own B between rounds (FedSA): the global has no B
     line_up: bool = True  # the replies line up with the global array by array (Flower's DP wrappers need it)
+    # Why the method has no VeRA form (None: it has one, aggregation/vera.py). On VeRA, d plays A and b plays
+    # B, so every fact above about A is about d, and about B is about b (docs/aggregation.md, "VeRA").
+    vera_undefined: str | None = None
 
     @property
     def needs_A(self) -> bool:
@@ -51,13 +56,20 @@ class MethodSpec:
         """A client keeps private state between rounds (FedSA's B)."""
         return self.private_B
 
+    @property
+    def on_vera(self) -> bool:
+        """The method is defined on VeRA adapters."""
+        return self.vera_undefined is None
+
     def shares(self, key: str) -> bool:
-        """Whether a client uploads the tensor ``key`` (PEFT key names)."""
-        if key.endswith(".lora_A.weight"):
+        """Whether a client uploads the tensor ``key`` (PEFT key names): LoRA's A and VeRA's d when the method
+        needs A, B and b when it needs B, never VeRA's shared projections (every global carries them)."""
+        side = factor_side(key)
+        if side == "in":
             return self.needs_A
-        if key.endswith(".lora_B.weight"):
+        if side == "out":
             return self.needs_B
-        return True
+        return side != "projection"
 
     @property
     def sharing(self) -> str:
@@ -75,12 +87,16 @@ SPECS: dict[str, MethodSpec] = {
         MethodSpec("fedsa", "FedSA-LoRA: share and average A; each client keeps its B", uploads=("A",), private_B=True, line_up=False),
         MethodSpec("fedex", "FedEx-LoRA: average A, B + dense residual folded into W0", residual=True, line_up=False),
         MethodSpec("fedA2", "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
-        MethodSpec("svd", "best rank-r approximation of Σ w_k B_k A_k (reference optimum)"),
-        MethodSpec("flora", "FLoRA: stack the factors (rank Σ r_k), merge into the base", stacks_ranks=True, merges_into_base=True, line_up=False),
+        MethodSpec("svd", "best rank-r approximation of Σ w_k B_k A_k (reference optimum)",
+                   vera_undefined="its top-r factors of U are arbitrary matrices, not Λ_b B and Λ_d A over the shared projections"),
+        MethodSpec("flora", "FLoRA: stack the factors (rank Σ r_k), merge into the base", stacks_ranks=True, merges_into_base=True, line_up=False,
+                   vera_undefined="stacking gives rank Σ r_k factors with one b per client; a VeRA layer has one A, B of rank r and one b"),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(SPECS)
 DEFAULT_METHOD = "fedA2"
+VERA_METHODS: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.on_vera)
+UNDEFINED_FOR_VERA: dict[str, str] = {name: spec.vera_undefined for name, spec in SPECS.items() if spec.vera_undefined is not None}
 
 
 def method_spec(name: object, *, field: str = "method") -> MethodSpec:
@@ -98,3 +114,16 @@ def as_spec(method: str | MethodSpec | object) -> MethodSpec:
         return method
     spec = getattr(method, "spec", None)
     return spec if isinstance(spec, MethodSpec) else method_spec(method)
+
+
+def check_family(method: str | MethodSpec | object, family: str, *, field: str = "method") -> MethodSpec:
+    """The spec of ``method`` if it is defined on the adapter ``family`` (``lora`` | ``vera``), else one
+    ConfigError naming why and the methods that are defined (where the method and the adapter meet first:
+    ``init``, ``local-train``, ``aggregate``, Flower)."""
+    spec = method_spec(method, field=field) if isinstance(method, str) else as_spec(method)
+    if family not in ADAPTER_FAMILIES:
+        raise ConfigError.invalid("adapter", family, f"is not one of {', '.join(ADAPTER_FAMILIES)}", example="lora")
+    if family == "vera" and not spec.on_vera:
+        raise ConfigError.invalid(field, spec.name, f"is not defined for VeRA ({spec.vera_undefined}); defined: {', '.join(VERA_METHODS)}",
+                                  example="fedA2")
+    return spec

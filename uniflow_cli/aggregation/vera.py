@@ -27,10 +27,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from uniflow_cli.aggregation import linalg
-from uniflow_cli.aggregation.registry import METHOD_NAMES, MethodSpec, method_spec
+from uniflow_cli.aggregation.registry import (  # noqa: F401  (re-exported)
+    UNDEFINED_FOR_VERA,
+    VERA_METHODS,
+    MethodSpec,
+    check_family,
+    method_spec,
+)
 from uniflow_cli.errors import (
     AggregationError,
-    ConfigError,
     IncompatibleAdaptersError,
     UsageError,
 )
@@ -231,22 +236,13 @@ def _fedA2(x: _Layer, options: AggregationOptions) -> VeraLayerOutput:
 _FUSE: dict[str, Callable[[_Layer, AggregationOptions], VeraLayerOutput]] = {
     "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "fedex": _fedex, "fedA2": _fedA2,
 }
-VERA_METHODS: tuple[str, ...] = tuple(n for n in METHOD_NAMES if n in _FUSE)
-# Why the others have no VeRA form: a VeRA adapter can only publish vectors over the shared A, B.
-UNDEFINED_FOR_VERA: dict[str, str] = {
-    "svd": "its top-r factors of U are arbitrary matrices, not Λ_b B and Λ_d A over the shared projections",
-    "flora": "stacking gives rank Σ r_k factors with one b per client; a VeRA layer has one A, B of rank r and one b",
-}
+# Which methods have a VeRA form, and why the others have none, is a fact of the method: the registry's.
+assert set(_FUSE) == set(VERA_METHODS), "every method the registry defines on VeRA needs its fuse here"
 
 
 def vera_method(name: object) -> MethodSpec:
     """The spec of a method defined on VeRA, or a ConfigError naming the ones that are."""
-    spec = method_spec(name)
-    if spec.name not in _FUSE:
-        why = UNDEFINED_FOR_VERA.get(spec.name, "it has no VeRA definition")
-        raise ConfigError.invalid("method", spec.name, f"is not defined for VeRA ({why}); defined: {', '.join(VERA_METHODS)}",
-                                  example="fedA2")
-    return spec
+    return check_family(method_spec(name), "vera")
 
 
 def fuse_vera_layer(x: VeraLayerInputs, options: AggregationOptions) -> VeraLayerOutput:

@@ -18,7 +18,7 @@ import click
 import typer
 
 from uniflow_cli import __version__
-from uniflow_cli.cli import aggregate, data, evaluate, flower, init, inspect, local_train, models, partition, report, status
+from uniflow_cli.cli import aggregate, data, evaluate, flower, init, inspect, local_train, models, partition, report, simulate, status
 from uniflow_cli.cli.boundary import UniflowGroup
 from uniflow_cli.cli.examples import Example, epilog
 
@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[ModuleType, Any]] = {
     "partition": (partition, partition.partition),
     "local-train": (local_train, local_train.local_train),
     "aggregate": (aggregate, aggregate.aggregate),
+    "simulate": (simulate, simulate.simulate),
     "evaluate": (evaluate, evaluate.evaluate),
     "report": (report, report.report),
     "status": (status, status.status),

@@ -141,7 +141,7 @@ def _print(result: EvalResult, client: Optional[str]) -> None:
 
     from uniflow_cli.cli.console import notice
     from uniflow_cli.cli.console import out as console
-    from uniflow_cli.metrics import METRIC_KEYS, METRIC_TITLES, OVERALL
+    from uniflow_cli.metrics import METRIC_TITLES, OVERALL, metric_keys_of
 
     for message in result.notices:  
         notice(message)
@@ -152,9 +152,10 @@ def _print(result: EvalResult, client: Optional[str]) -> None:
     for modality, values in metrics.items():
         name = f"{OVERALL} ({', '.join(values.get('modalities', []))})" if modality == OVERALL else modality
         table = Table(title=f"{name} · round {result.round} (%)", title_justify="left")  
-        for key in METRIC_KEYS:
+        keys = metric_keys_of(result.payload)  # a classify eval: acc, macro_f1
+        for key in keys:
             table.add_column(METRIC_TITLES[key], justify="right")
         table.add_column("n", justify="right")
-        table.add_row(*("n/a" if values[key] is None else f"{values[key]:.2f}" for key in METRIC_KEYS), str(values["n"]))
+        table.add_row(*("n/a" if values[key] is None else f"{values[key]:.2f}" for key in keys), str(values["n"]))
         console.print(table)
     console.print(f"evaluated {what}; wrote {result.path}", soft_wrap=True)  

@@ -45,7 +45,8 @@ def inspect(
         head.add_row(key, str(value))
     head.add_row("tensors", human_bytes(info["tensor_bytes"]) + (f" + residual {human_bytes(info['residual_bytes'])}" if info["residual_bytes"] else ""))
     out.print(head)
-    table = Table(title=f"{len(info['layers'])} LoRA layers", title_justify="left")
+    # VeRA: the A and B columns show d and b (the input- and output-side vectors), ‖s·BA‖ is ‖Λ_b B Λ_d A‖.
+    table = Table(title=f"{len(info['layers'])} {'VeRA' if info.get('family') == 'vera' else 'LoRA'} layers", title_justify="left")
     for col, justify in (("layer", "left"), ("rank", "right"), ("A", "right"), ("B", "right"), ("dtype", "left"), ("‖A‖", "right"), ("‖B‖", "right"), ("‖s·BA‖", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for layer in info["layers"]:
@@ -77,7 +78,7 @@ def describe_adapter(path: Path) -> dict[str, Any]:
     from uniflow_cli.peft_keys import lora_scaling
 
     reader = open_adapter(path)
-    layers = []
+    layers = _vera_layers(reader) if reader.family == "vera" else []
     for module, (a_key, b_key) in sorted(reader.modules.items()):
         entry: dict[str, Any] = {"module": module}
         A = reader[a_key].to(torch.float64) if a_key else None
@@ -100,9 +101,39 @@ def describe_adapter(path: Path) -> dict[str, Any]:
     return {
         "path": str(reader.path),
         "meta": reader.meta.to_json() if reader.meta is not None else None,
-        "peft": {k: reader.peft_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save")},
+        "family": reader.family,
+        "peft": {k: reader.peft_config.get(k) for k in ("r", *(("projection_prng_key", "d_initial") if reader.family == "vera" else ("lora_alpha", "use_rslora")),
+                                                         "target_modules", "modules_to_save")},
         "layers": layers,
         "other_tensors": others,
         "tensor_bytes": reader.nbytes(),
         "residual_bytes": residual_bytes,
     }
+
+
+def _vera_layers(reader: Any) -> list[dict[str, Any]]:
+    """A VeRA adapter's rows: d and b per layer, and ‖Λ_b B Λ_d A‖_F where the layer's shape is recorded."""
+    import torch
+
+    from uniflow_cli.aggregation.vera import effective_factors, slice_projections
+    from uniflow_cli.aggregation.vera_core import VeraRecord
+    from uniflow_cli.global_info import GlobalInfo
+    from uniflow_cli.peft_keys import VERA_A_KEY, VERA_B_KEY
+
+    record = VeraRecord.of(GlobalInfo.of(reader.meta).vera, str(reader.path))
+    has_projections = VERA_A_KEY in reader and VERA_B_KEY in reader
+    rows = []
+    for module, (d_key, b_key) in sorted(reader.vera_modules.items()):
+        d = reader[d_key].to(torch.float64) if d_key else None
+        b = reader[b_key].to(torch.float64) if b_key else None
+        entry: dict[str, Any] = {"module": module, "rank": int(reader.peft_config["r"]), "dtype": reader.dtype(d_key or b_key),
+                                 "A_shape": list(d.shape) if d is not None else None, "B_shape": list(b.shape) if b is not None else None,
+                                 "A_norm": float(d.norm()) if d is not None else None, "B_norm": float(b.norm()) if b is not None else None,
+                                 "delta_norm": None}
+        if d is not None and b is not None and has_projections and record is not None and module in record.layers:
+            d_out, d_in = record.layers[module]
+            A, B = slice_projections(reader[VERA_A_KEY], reader[VERA_B_KEY], d_in, d_out)
+            B_eff, A_eff = effective_factors(A, B, d, b)
+            entry["delta_norm"] = math.sqrt(max(float(((B_eff.T @ B_eff) * (A_eff @ A_eff.T)).sum()), 0.0))
+        rows.append(entry)
+    return rows

@@ -25,6 +25,8 @@ PRESET_PARTS = {
     "random-1b": {"llm": "Llama-3.2-1B shapes (random)", "image_encoder": "DINOv2-base shapes (random)", "audio_encoder": "Whisper-base enc. (random)"},
     "random-7b": {"llm": "Llama-2-7B / Vicuna-7B shapes (random)", "image_encoder": "DINOv2-large shapes (random)",
                   "audio_encoder": "Whisper-small enc. (random)"},
+    # task classify (docs/models.md): a sequence classifier, no LLM; tiny-random and custom serve it too
+    "minilm": {"llm": "- (task classify: all-MiniLM-L6-v2 classifier)", "image_encoder": "-", "audio_encoder": "-"},
     "custom": {"llm": "any local AutoModelForCausalLM dir", "image_encoder": "DINOv2/ViT/CLIP/SigLIP dir", "audio_encoder": "Whisper/wav2vec2/HuBERT dir"},
 }
 DEFAULT_PRESET = "smol"

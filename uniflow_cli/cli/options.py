@@ -5,10 +5,10 @@ every option not listed has only its long form)::
 
     -a  --adapter      evaluate
     -b  --batch-size   local-train, evaluate
-    -c  --client       local-train, evaluate             (partition's --clients has none)
+    -c  --client       local-train, evaluate             (partition's and simulate's --clients have none)
     -d  --dataset      partition                         (the --data of evaluate/local-train has none)
     -h  --help         every command
-    -m  --method       init, aggregate, local-train, flower new   (report's --metrics and
+    -m  --method       init, aggregate, simulate, local-train, flower new   (report's --metrics and
                                                           evaluate's --modalities have none)
     -n  --limit        evaluate, data show               (data show keeps --n as an alias)
     -o  --out          partition, report, aggregate, local-train, evaluate
@@ -50,7 +50,7 @@ BATCH_SIZE_FLAGS = ("--batch-size", "-b")
 
 # Kept literal (with a test against models.settings.PRESETS / data.builtin.BUILTINS): importing those
 # modules would load the model cache helpers and numpy on every --help.
-PRESET_NAMES = ("smol", "tiny-random", "random-1b", "random-7b", "custom")
+PRESET_NAMES = ("smol", "tiny-random", "random-1b", "random-7b", "minilm", "custom")
 BUILTIN_DATASETS = ("easy-vqa", "spoken-qa", "text-qa", "snli", "rotten-tomatoes")
 
 METHODS_HELP = " | ".join(METHOD_NAMES)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -78,11 +78,13 @@ def partition(
 
     if out is not None and workspace is not None:
         raise UsageError("both --out and --workspace given", fix="use --workspace (writes WORKSPACE/data) or --out DIR, not both")
+    labels = None
     if out is None:
         ws = find_workspace(workspace, required=False)
         if ws is None:
             raise UsageError("no output: no --out and no workspace found", fix="pass --workspace DIR or --out DIR")
         out = ws.data_dir
+        labels = _classify_labels(ws)
     request = PartitionRequest(
         datasets=list(dataset),
         clients=parse_clients(clients),
@@ -94,6 +96,7 @@ def partition(
         label_column=label_column,
         columns=Columns(question=question_column, answer=answer_column, media=media_column),
         allow_media_outside=list(allow_media_outside or []),
+        labels=labels,
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
@@ -110,6 +113,16 @@ def partition(
         print_json(_as_json(info, Path(out), plot))
     else:
         _print(info, Path(out), plot)
+
+
+def _classify_labels(ws: Any) -> list[str] | None:
+    """A classify workspace's labels (its shards must carry them), else None; a QA workspace's [model] is not read."""
+    model = ws.config().get("model")
+    if not isinstance(model, dict) or model.get("task") != "classify":
+        return None
+    from uniflow_cli.settings import resolve_model
+
+    return list(resolve_model(ws).labels)
 
 
 def _as_json(info: dict, out: Path, plot: bool) -> dict:

@@ -36,7 +36,7 @@ def status(
         for modality, values in metrics.items():
             if modality == "overall" or not isinstance(values, dict):
                 continue
-            acc, f1 = values.get("acc"), values.get("bert_f1")
+            acc, f1 = values.get("acc"), values.get("bert_f1", values.get("macro_f1"))  # a classify eval: macro-F1
             shown.append(f"{modality}: Acc {acc if acc is not None else '-'} F1 {f1 if f1 is not None else '-'}")
         glob = "published" if r["published"] else ("[yellow]aggregating[/yellow]" if r.get("locked") else "-")
         table.add_row(

@@ -40,6 +40,7 @@ class PartitionRequest:
     label_column: str | None = None  # None: the answer
     columns: Columns = field(default_factory=Columns)
     allow_media_outside: list[Path] = field(default_factory=list)  # extra trusted roots for user media paths
+    labels: list[str] | None = None  # a classify workspace's labels: every chosen row must be text with one of them as answer
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -379,6 +380,21 @@ def is_partition_dir(path: Path) -> bool:
     return is_real_dir(path) and regular_file_problem(Path(path) / "partition.json") is None
 
 
+def check_plan_labels(plan: Plan, labels: list[str]) -> None:
+    """A classify workspace's partition: every chosen row (shards and test sets) is text, its answer one of
+    ``labels`` (the model's classes); else one line before anything is written."""
+    known = set(labels)
+    picks = [pick for c in plan.clients for rows in c.picks.values() for pick in rows] + [p for rows in plan.test.values() for p in rows]
+    for s, i in sorted(set(picks)):
+        source = plan.sources[s]
+        answer = source.answers[i].strip()
+        if source.modality != "text" or answer not in known:
+            what = f"is {source.modality}" if source.modality != "text" else f"has label {answer!r}"
+            raise DataError(f"dataset {source.name}: row {i} {what}, but the workspace's classify model reads text labelled "
+                            f"{', '.join(labels)}", fix="partition a text dataset with these labels (--answer-column names the class column), "
+                            f"or initialise a workspace whose --labels include {answer!r}")
+
+
 def partition(
     request: PartitionRequest, out: Path, *, force: bool = False, plot: bool = False, progress_factory=None
 ) -> dict[str, Any]:
@@ -398,6 +414,8 @@ def partition(
             raise worded(UsageError, "{out} {path} {relation} the dataset {name}", "write the partition to its own directory", path=out, relation=relation, name=name)
     check_writable_target(Path(out), force=force, replaces=is_partition_dir, kind="uniflow partition (a directory with partition.json)")
     plan = plan_partition(request, resolve_sources(request))
+    if request.labels is not None:
+        check_plan_labels(plan, request.labels)
     progress = progress_factory(plan.total_rows) if progress_factory else None
     return write_partition(plan, out, force=force, plot=plot, progress=progress)
 

@@ -18,7 +18,8 @@ from uniflow_cli.flower.strategy import UniflowFedAvg, UniflowServerSideDP, head
 def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, UniflowFedAvg]:
     """(the strategy to run — maybe DP-wrapped —, the uniflow strategy inside it)."""
     from uniflow_cli.adapters import read_adapter
-    from uniflow_cli.aggregation.registry import method_spec
+    from uniflow_cli.aggregation.registry import check_family, method_spec
+    from uniflow_cli.peft_keys import adapter_family
     from uniflow_cli.server import core_options
     from uniflow_cli.settings import AggregateSettings, resolve, resolve_model
 
@@ -34,6 +35,11 @@ def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, Un
     start = read_adapter(workspace.global_dir(t0))
     if start.meta is not None and start.meta.role != "global":
         raise UsageError(f"{workspace.global_dir(t0)} is a {start.meta.role} adapter", fix="re-publish the global")
+    family = adapter_family(start.peft_config)
+    in_run_config_terms(lambda: check_family(spec, family))  # e.g. svd on a VeRA workspace: one line, before any round
+    if settings.dp and family == "vera":  # the global carries the shared projections, which no reply holds
+        raise ConfigError("dp=true with a VeRA workspace: its replies do not line up with the global (which alone carries the projections)",
+                          fix="run VeRA without dp")
     history = [(r, header_only(workspace.global_dir(r))) for r in workspace.published_rounds() if 1 <= r <= t0] if spec.folds_history else []
     inner = UniflowFedAvg(
         workspace=workspace, options=options, start=start, round_offset=t0, history=history, weighting=chosen.weighting,

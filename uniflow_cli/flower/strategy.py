@@ -160,7 +160,8 @@ class UniflowFedAvg(FedAvg):
         order = sorted(accepted)  # uniflow aggregate reads rounds/<t>/clients/* sorted by name: the same order here
         contents = [accepted[c].content for c in order]
         clients, raw_weights = [], []
-        start = ClientUpdate(f"global of round {t - 1}", self.current.tensors, self.current.peft_config)
+        # VeRA: the global carries the projections and records the layers' shapes (the replies carry neither).
+        start = ClientUpdate(f"global of round {t - 1}", self.current.tensors, self.current.peft_config, vera=GlobalInfo.of(self.current.meta).vera)
         try:
             for client, content in zip(order, contents):
                 info = content.config_records[REPLY_KEY]

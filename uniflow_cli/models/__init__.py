@@ -10,6 +10,7 @@ Public API (import from here; heavy libraries load lazily)::
     model = load_model(settings, lora, dtype=torch.bfloat16) # frozen base in bf16; LoRA + projectors float32
     enable_gradient_checkpointing(model)                     # LLM and encoders, non-reentrant
     set_trainable_stage(model, "encoder")                   # | "llm" | "both" (Eq. 7)
+    clf = load_model(ModelSettings(task="classify", preset="minilm", labels=["negative", "positive"]), lora)  # PeftModel(SequenceClassifier)
     texts = model.generate(collate(samples, model, train=False), max_new_tokens=16)
     tensors, cfg = adapter_tensors(model), peft_config_dict(model)   # → adapters.write_adapter
     load_adapter_tensors(model, read_adapter(path).tensors)          # ← adapters.read_adapter
@@ -73,6 +74,10 @@ def build_base(
     from uniflow_cli.models.presets import load_parts
 
     settings = _settings(model_cfg)
+    if settings.is_classify:  # a SequenceClassifier; its head comes from a fixed seed, not ``seed`` (every client's base is one)
+        from uniflow_cli.models.classify import build_classifier
+
+        return build_classifier(settings, progress=progress, dtype=dtype)
     parts = load_parts(settings, progress=progress, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -94,7 +99,12 @@ def load_model(
     """
     from uniflow_cli.models.lora import add_lora
 
-    return add_lora(build_base(model_cfg, seed, progress=progress, dtype=dtype), lora_cfg, seed)
+    settings = _settings(model_cfg)
+    if settings.is_classify:
+        from uniflow_cli.models.classify import add_classifier_lora
+
+        return add_classifier_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
+    return add_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
 
 
 def model_from_adapter(
@@ -131,8 +141,11 @@ def enable_gradient_checkpointing(model: Any) -> None:
     layer's inputs need no gradient (stage II's text embeddings, stage I's frozen pixels), so no input has
     to be made to require grad. Active only while the model is in training mode (HF's rule).
     """
+    from uniflow_cli.models.classify import enable_gradient_checkpointing as classifier_checkpointing, is_classifier
     from uniflow_cli.models.multimodal import unwrap
 
+    if is_classifier(model):
+        return classifier_checkpointing(model)
     kwargs = {"use_reentrant": False}
     base = unwrap(model)
     for module in [base.llm, *base.encoders.values()]:
@@ -145,9 +158,24 @@ def enable_gradient_checkpointing(model: Any) -> None:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def set_trainable_stage(model: Any, stage: str) -> int:
+    """Which parameters train in ``stage`` (Eq. 7; :func:`uniflow_cli.models.lora.set_trainable_stage`); a
+    classify model trains LoRA and its head in every stage (:func:`uniflow_cli.models.classify.set_trainable_stage`)."""
+    from uniflow_cli.models import classify, lora
+
+    return (classify if classify.is_classifier(model) else lora).set_trainable_stage(model, stage)
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Parameter counts by part (QA: :func:`uniflow_cli.models.lora.parameter_counts`; classify: encoder, lora, head, trainable)."""
+    from uniflow_cli.models import classify, lora
+
+    return (classify if classify.is_classifier(model) else lora).parameter_counts(model)
+
+
 def __getattr__(name: str) -> Any:
     # Lazy re-exports: importing uniflow_cli.models must not import torch (CLI start-up time).
-    if name in ("adapter_tensors", "peft_config_dict", "set_trainable_stage", "load_adapter_tensors", "parameter_counts", "check_compatible"):
+    if name in ("adapter_tensors", "peft_config_dict", "load_adapter_tensors", "check_compatible"):
         from uniflow_cli.models import lora
 
         return getattr(lora, name)

@@ -11,6 +11,10 @@ trains everything trainable (the ``joint`` ablation).
 
 LoRA weights and projectors are float32 whatever dtype the frozen base is stored in, and start from the
 same bytes as on a float32 base (:func:`add_lora`).
+
+``[lora] adapter = "vera"`` builds PEFT's VeRA on the same targets instead (:mod:`.vera_adapter`): the
+vectors ``…q_proj.vera_lambda_d`` / ``vera_lambda_b`` are "the LoRA weights" of every function here (stages,
+counts, float32, loading), and the shared projections ``base_model.vera_A`` / ``vera_B`` are buffers.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from uniflow_cli.errors import AdapterError, ConfigError, IncompatibleAdaptersError, ModelError, UsageError
 from uniflow_cli.models.multimodal import unwrap  # lives with UniflowModel; importable from here too
-from uniflow_cli.peft_keys import base_weight_key, lora_modules, lora_scaling
+from uniflow_cli.peft_keys import adapter_family, base_weight_key, lora_modules, lora_scaling
 from uniflow_cli.settings import LoraSettings
 
 STAGES = ("encoder", "llm", "both")
@@ -59,21 +63,36 @@ def _check_targets(model: Any, lora: LoraSettings, regex: str) -> None:
             )
 
 
-def lora_config(model: Any, lora: LoraSettings) -> Any:
-    """The PEFT ``LoraConfig`` for this model (targets as one regex, projectors as modules_to_save)."""
+def adapter_config(lora: LoraSettings, *, target_modules: Any, modules_to_save: list[str] | None) -> Any:
+    """PEFT's config of ``lora.adapter``'s family (``LoraConfig``, or ``VeraConfig``) for any model: the
+    one place a task's model builder turns ``[lora]`` into PEFT's config."""
+    if lora.is_vera:
+        from uniflow_cli.models.vera_adapter import vera_config
+
+        return vera_config(lora, target_modules=target_modules, modules_to_save=modules_to_save)
     from peft import LoraConfig
 
-    regex = target_regex(model, lora)
-    _check_targets(model, lora, regex)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         use_rslora=lora.use_rslora,
-        target_modules=regex,
-        modules_to_save=[f"projectors.{m}" for m in unwrap(model).encoders.keys()],
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
         bias="none",
     )
+
+
+def lora_config(model: Any, lora: LoraSettings) -> Any:
+    """The PEFT config for this model (targets as one regex, projectors as modules_to_save)."""
+    regex = target_regex(model, lora)
+    _check_targets(model, lora, regex)
+    return adapter_config(lora, target_modules=regex, modules_to_save=[f"projectors.{m}" for m in unwrap(model).encoders])
+
+
+def is_adapter_weight(name: str) -> bool:
+    """A parameter of the adapter itself: LoRA's A/B or VeRA's d/b (not a modules_to_save copy, not a projection)."""
+    return ".lora_" in name or ".vera_lambda_" in name
 
 
 @contextlib.contextmanager
@@ -118,7 +137,7 @@ def add_lora(model: Any, lora: LoraSettings, seed: int = 0) -> Any:
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
-        if (".lora_" in name or ".modules_to_save." in name) and param.is_floating_point() and param.dtype != torch.float32:
+        if (is_adapter_weight(name) or ".modules_to_save." in name) and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()  # PEFT's own autocast covers fp16/bf16; anything else is cast here
     set_trainable_stage(peft_model, "both")
     return peft_model
@@ -141,7 +160,7 @@ def set_trainable_stage(model: Any, stage: str) -> int:
     total = 0
     for name, param in model.named_parameters():
         part = _part(name)
-        is_lora = ".lora_" in name
+        is_lora = is_adapter_weight(name)
         is_projector = part == "projector" and ".modules_to_save." in name
         train = (
             (is_lora and part == "encoder" and stage in ("encoder", "both"))
@@ -158,7 +177,7 @@ def parameter_counts(model: Any) -> dict[str, int]:
     counts = {"llm": 0, "encoders": 0, "llm_lora": 0, "encoder_lora": 0, "projectors": 0}
     for name, param in model.named_parameters():
         part = _part(name)
-        if ".lora_" in name:
+        if is_adapter_weight(name):
             counts[f"{part}_lora"] += param.numel()
         elif part == "projector":
             if ".original_module." not in name:
@@ -196,8 +215,11 @@ def check_compatible(model: Any, peft_config: dict[str, Any], *, fingerprint: st
             fix="use the [model] settings of the workspace that produced the adapter (same preset, modalities and files)",
         )
     ours = peft_config_dict(model)
-    for key in ("target_modules", "modules_to_save", "use_rslora"):
-        theirs = peft_config.get(key)
+    # The family first (a VeRA global is no LoRA model's), then what makes the tensors mean what they mean.
+    keys = ("peft_type", "target_modules", "modules_to_save", "projection_prng_key") if ours.get("peft_type") == "VERA" else (
+        "peft_type", "target_modules", "modules_to_save", "use_rslora")
+    for key in keys:
+        theirs = peft_config.get(key, "LORA" if key == "peft_type" else None)
         if isinstance(theirs, list):
             theirs = sorted(theirs)
         mine = sorted(ours[key]) if isinstance(ours.get(key), list) else ours.get(key)
@@ -231,15 +253,20 @@ def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], *, strict
     # PEFT expects every modules_to_save tensor; a partial load keeps the model's current values elsewhere.
     merged = {**expected, **tensors}
     result = set_peft_model_state_dict(model, {k: v.to(dtypes.get(k, torch.float32)) for k, v in merged.items()})
-    bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k or "modules_to_save" in k]
+    bad = [k for k in getattr(result, "unexpected_keys", []) if is_adapter_weight(k) or ".vera_" in k or "modules_to_save" in k]
     if bad:
         raise AdapterError(f"{where}: PEFT did not place {bad[0]!r}", fix="report this bug")
 
 
 def lora_settings_from_peft(peft_config: dict[str, Any], defaults: LoraSettings | None = None) -> LoraSettings:
-    """LoraSettings matching an adapter's config (r, alpha, rsLoRA, dropout); targets from ``defaults``."""
+    """LoraSettings matching an adapter's config (its family; r, alpha, rsLoRA, dropout; VeRA's projection key
+    and d_initial); targets from ``defaults``."""
+    from uniflow_cli.models.vera_adapter import vera_settings_from_peft
+
     base = defaults or LoraSettings()
     try:
+        if adapter_family(peft_config) == "vera":
+            return vera_settings_from_peft(peft_config, base)
         return LoraSettings(
             r=int(peft_config["r"]),
             lora_alpha=float(peft_config.get("lora_alpha", base.lora_alpha)),

@@ -442,10 +442,11 @@ class UniflowModel(nn.Module):
 def unwrap(model: Any) -> Any:
     """The :class:`UniflowModel` inside a PeftModel (or the model itself)."""
     # Here, next to the class it looks for: models.lora imports it from this module, never the other way round.
-    if isinstance(model, UniflowModel):
+    if isinstance(model, UniflowModel) or getattr(type(model), "uniflow_base", False):
         return model
     base = model.get_base_model() if hasattr(model, "get_base_model") else None
-    if isinstance(base, UniflowModel):
+    # uniflow_base: another task's model with the same small interface (models.classify.SequenceClassifier).
+    if isinstance(base, UniflowModel) or getattr(type(base), "uniflow_base", False):
         return base
     raise UsageError(f"expected a UniflowModel or a PeftModel around one, got {type(model).__name__}", fix="build it with load_model()")
 

