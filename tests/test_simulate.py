@@ -9,24 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from tests.workspace_factory import write_shard
-from uniflow_cli.cli.app import app
+from tests.cli_runner import ok, run
 
-runner = CliRunner()
 CLIENTS = {"0": "image", "1": "text", "2": "image"}
 ROUNDS = 2
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tests.workspace_factory import write_shard
 from uniflow_cli.adapters import META_FILE, TENSORS_FILE, read_adapter
 from uniflow_cli.aggregation import AggregationOptions, ClientUpdate, aggregate, vera
 from uniflow_cli.aggregation.registry import SPECS, VERA_METHODS, check_family
 from uniflow_cli.aggregation.vera_core import VeraRecord, projection_digest
-from uniflow_cli.cli.app import app
+from tests.cli_runner import ok, run
 from uniflow_cli.errors import (
     AdapterError,
     ConfigError,
@@ -31,18 +30,7 @@ from uniflow_cli.errors import (
 from uniflow_cli.peft_keys import VERA_A_KEY, VERA_B_KEY, factor_side, vera_modules
 from uniflow_cli.settings import LoraSettings, lora_table
 
-runner = CliRunner()
 STEPS = 2
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def refused(result, message: str):

@@ -17,7 +17,7 @@ give the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,40 +118,53 @@ def _teacher_forced_counts(out: Any, labels: Any, n_rows: int) -> list[tuple[int
     return [token_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(n_rows)]
 
 
-def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None, seed: int) -> list[dict[str, Any]]:
-    """Per-sample records: teacher-forced token counts and the greedy prediction, batch by batch, on
-    ``options.device`` under ``options.precision``'s autocast (None: fp32)."""
+def _batches(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None,
+             seed: int) -> Iterator[tuple[str, list[dict[str, Any]], Any, str]]:
+    """``(modality, rows, device, precision)`` for every batch, in order: the model placed on ``options.device``
+    for ``options.precision`` (None: fp32), in eval mode (dropout off: evaluation must not depend on the
+    RNG), the caller's work inside a forked, seeded RNG; ``on_batch`` is told after each batch."""
     import torch
 
-    from uniflow_cli.compute import autocast, check_precision, place, resolve_device, to_device
-    from uniflow_cli.models import collate
+    from uniflow_cli.compute import check_precision, place, resolve_device
 
     device, precision = resolve_device(options.device), options.precision or "fp32"
     check_precision(precision, device)
     place(model, device, precision)
     total, done = sum(len(rows) for rows in groups.values()), 0
-    records: list[dict[str, Any]] = []
-    model.eval()  # dropout off: evaluation must not depend on the RNG
+    model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for modality, rows in groups.items():
             for start in range(0, len(rows), options.batch_size):
                 chunk = rows[start : start + options.batch_size]
-                with torch.inference_mode(), autocast(device, precision):
-                    batch = collate(chunk, model, train=True)
-                    counts = _teacher_forced_counts(model(to_device(batch, device), full_logits=False), batch["labels"], len(chunk))
-                    prompts = collate(chunk, model, train=False)
-                    predictions = model.generate(to_device(prompts, device), max_new_tokens=options.max_new_tokens)
-                cut = [a or b for a, b in zip(batch["truncated"], prompts["truncated"])]
-                for row, (correct, n_tokens), prediction, was_cut in zip(chunk, counts, predictions, cut):
-                    records.append({
-                        "modality": modality, "id": str(row.get("id", "")), "question": str(row.get("question", "")),
-                        "prediction": prediction, "reference": str(row.get("answer", "")).strip(),
-                        "correct": correct, "total": n_tokens, "truncated": was_cut,
-                    })
+                yield modality, chunk, device, precision
                 done += len(chunk)
                 if on_batch is not None:
                     on_batch(done, total, modality)
+
+
+def _generate(model: Any, groups: Mapping[str, list[dict[str, Any]]], options: EvalOptions, on_batch: OnBatch | None, seed: int) -> list[dict[str, Any]]:
+    """Per-sample records: teacher-forced token counts and the greedy prediction, batch by batch, on
+    ``options.device`` under ``options.precision``'s autocast (None: fp32)."""
+    import torch
+
+    from uniflow_cli.compute import autocast, to_device
+    from uniflow_cli.models import collate
+
+    records: list[dict[str, Any]] = []
+    for modality, chunk, device, precision in _batches(model, groups, options, on_batch, seed):
+        with torch.inference_mode(), autocast(device, precision):
+            batch = collate(chunk, model, train=True)
+            counts = _teacher_forced_counts(model(to_device(batch, device), full_logits=False), batch["labels"], len(chunk))
+            prompts = collate(chunk, model, train=False)
+            predictions = model.generate(to_device(prompts, device), max_new_tokens=options.max_new_tokens)
+        cut = [a or b for a, b in zip(batch["truncated"], prompts["truncated"])]
+        for row, (correct, n_tokens), prediction, was_cut in zip(chunk, counts, predictions, cut):
+            records.append({
+                "modality": modality, "id": str(row.get("id", "")), "question": str(row.get("question", "")),
+                "prediction": prediction, "reference": str(row.get("answer", "")).strip(),
+                "correct": correct, "total": n_tokens, "truncated": was_cut,
+            })
     return records
 
 
@@ -201,34 +214,22 @@ def _predicted_labels(model: Any, groups: Mapping[str, list[dict[str, Any]]], op
     """Per-sample records of a classifier: the argmax class of each row, batch by batch (eval mode, seeded)."""
     import torch
 
-    from uniflow_cli.compute import autocast, check_precision, place, resolve_device, to_device
+    from uniflow_cli.compute import autocast, to_device
     from uniflow_cli.models import collate
     from uniflow_cli.models.multimodal import unwrap
 
-    device, precision = resolve_device(options.device), options.precision or "fp32"
-    check_precision(precision, device)
-    place(model, device, precision)
     labels = unwrap(model).labels
-    total, done = sum(len(rows) for rows in groups.values()), 0
     records: list[dict[str, Any]] = []
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for modality, rows in groups.items():
-            for start in range(0, len(rows), options.batch_size):
-                chunk = rows[start : start + options.batch_size]
-                with torch.inference_mode(), autocast(device, precision):
-                    batch = collate(chunk, model, train=False)
-                    predicted = model(to_device(batch, device)).logits.float().argmax(dim=-1).tolist()
-                for row, index, was_cut in zip(chunk, predicted, batch["truncated"]):
-                    records.append({
-                        "modality": modality, "id": str(row.get("id", "")), "question": str(row.get("question", "")),
-                        "text_pair": row.get("text_pair"), "prediction": labels[index], "reference": str(row.get("answer", "")).strip(),
-                        "truncated": was_cut,
-                    })
-                done += len(chunk)
-                if on_batch is not None:
-                    on_batch(done, total, modality)
+    for modality, chunk, device, precision in _batches(model, groups, options, on_batch, seed):
+        with torch.inference_mode(), autocast(device, precision):
+            batch = collate(chunk, model, train=False)
+            predicted = model(to_device(batch, device)).logits.float().argmax(dim=-1).tolist()
+        for row, index, was_cut in zip(chunk, predicted, batch["truncated"]):
+            records.append({
+                "modality": modality, "id": str(row.get("id", "")), "question": str(row.get("question", "")),
+                "text_pair": row.get("text_pair"), "prediction": labels[index], "reference": str(row.get("answer", "")).strip(),
+                "truncated": was_cut,
+            })
     return records
 
 
