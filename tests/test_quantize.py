@@ -36,7 +36,7 @@ def test_quantize_replaces_every_frozen_llm_linear_but_the_head(scheme: str, kin
     llm = unwrap(model).llm
     frozen = _plain_linears(llm) - 1  # the LM head stays dense
     batch = collate(BATCH_SAMPLES, model)
-    before = float(model(batch, full_logits=False).loss)
+    before = float(model(batch, full_logits=False).loss.detach())
     lora_before = adapter_tensors(model)
     # Execute
     count = quantize_llm(model, scheme, device=CPU, compute_dtype=torch.float32)
