@@ -281,7 +281,7 @@ def test_fedsa_personalised_model_is_global_A_plus_the_clients_B(base_ws, traine
 
 
 @pytest.mark.parametrize("case, match", [
-    ("not-fedsa", "round 1 is a fedit global; only fedsa keeps a client-private part"),
+    ("not-fedsa", "round 1 is a fedit global; only fedsa, feddpa keep a client-private part"),
     ("no-state", "client 7 has no private state in"),
     ("stale-state", "is from round 2, not round 1"),
     ("other-rank", "client 0's B has rank 2, the global A rank 4"),

@@ -114,7 +114,7 @@ def test_init_writes_a_vera_round_0(template):
 def test_init_refuses_a_method_undefined_on_vera(tmp_path, method):
     result = run("init", tmp_path / "ws", "--preset", "tiny-random", "--modalities", "image", "--adapter", "vera", "--method", method)
     refused(result, f"--method '{method}' is not defined for VeRA")
-    assert "defined: fedit, ffa, fedsa, fedex, fedA2" in result.output
+    assert "defined: fedit, ffa, fedsa, feddpa, fedex, fedA2" in result.output
     assert not (tmp_path / "ws").exists()
 
 

@@ -239,7 +239,7 @@ def test_every_method_is_defined_or_refused_for_vera():
 @pytest.mark.parametrize("method", ["svd", "flora"])
 def test_undefined_methods_name_the_defined_ones(method):
     A, B, ds, bs = random_layer(0, 2, 3, 3, 2)
-    with pytest.raises(ConfigError, match=rf'method="{method}" is not defined for VeRA .*; defined: fedit, ffa, fedsa, fedex, fedA2'):
+    with pytest.raises(ConfigError, match=rf'method="{method}" is not defined for VeRA .*; defined: fedit, ffa, fedsa, feddpa, fedex, fedA2'):
         fuse(A, B, ds, bs, [1, 1], method)
 
 

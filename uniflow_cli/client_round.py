@@ -4,8 +4,9 @@ Flower ClientApp (:mod:`uniflow_cli.flower.client`), so the same inputs give the
 
 Every per-method difference is asked of the method's :class:`~uniflow_cli.aggregation.registry.MethodSpec`:
 which tensors a client shares (``spec.shares``), whether A is frozen (``frozen_A``), whether each client keeps
-its own B (``private_B``, FedSA) and whether earlier globals are folded into the base (``folds_history``:
-FedEx residuals, FLoRA merges — :func:`uniflow_cli.models.history.fold_history`).
+its own B (``private_B``, FedSA) or a whole local adapter beside the global one (``local_adapter``, FedDPA) —
+its *client state*, kept in ``state/clients/<k>/`` between rounds — and whether earlier globals are folded into
+the base (``folds_history``: FedEx residuals, FLoRA merges — :func:`uniflow_cli.models.history.fold_history`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ class ClientRound:
     """What one client's round produced, before anything is written or sent."""
 
     shared: dict[str, Any]  # what the method uploads, in cfg.dtype
-    private: dict[str, Any] | None  # FedSA's B: never leaves the client
+    private: dict[str, Any] | None  # the client state (FedSA's B, FedDPA's local adapter): never leaves the client
     peft_config: dict[str, Any]
     meta: Any  # AdapterMeta(role="client", ...)
     stats: TrainStats
     upload_bytes: int
     folded_rounds: list[int]
+    private_config: dict[str, Any] | None = None  # the client state's adapter config (None: peft_config's)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,40 +57,43 @@ def private_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any] |
 
 
 def method_may_keep_state(method: str | None) -> bool:
-    """Methods whose client keeps private state between rounds (FedSA's B), or a method not known yet."""
+    """Methods whose client keeps private state between rounds (FedSA's B, FedDPA's local adapter), or a
+    method not known yet."""
     from uniflow_cli.aggregation.registry import SPECS
 
     return method is None or (method in SPECS and SPECS[method].keeps_client_state)
 
 
-def read_private_B(state_dir: Path | None, method: Any) -> dict[str, Any] | None:
-    """The B this client kept from its last round (FedSA), or None (another method, or its first round)."""
+def read_client_state(state_dir: Path | None, method: Any) -> dict[str, Any] | None:
+    """What this client kept from its last round (FedSA's B, FedDPA's local adapter), or None (another
+    method, or its first round)."""
     from uniflow_cli.adapters import TENSORS_FILE, read_adapter
 
-    if state_dir is None or not as_spec(method).private_B or not (Path(state_dir) / TENSORS_FILE).exists():
+    if state_dir is None or not as_spec(method).keeps_client_state or not (Path(state_dir) / TENSORS_FILE).exists():
         return None
     return read_adapter(Path(state_dir)).tensors
 
 
-def write_private_B(state_dir: Path, result: ClientRound) -> Path | None:
-    """Keep a round's private B in ``state_dir`` for the client's next round (replaced atomically).
+def write_client_state(state_dir: Path, result: ClientRound) -> Path | None:
+    """Keep a round's client state (FedSA's B, FedDPA's local adapter) in ``state_dir`` for the client's next
+    round and its personalised evaluation (replaced atomically).
 
-    The one writer of FedSA's client state, for the file-drop path and the Flower node alike; None when
-    the round kept nothing private."""
+    The one writer of client state, for the file-drop path and the Flower node alike; None when the round
+    kept nothing private."""
     from uniflow_cli.adapters import AdapterMeta, write_adapter
 
     if result.private is None:
         return None
     m = result.meta
     meta = AdapterMeta(role="client", client_id=m.client_id, round=m.round, method=m.method, base_fingerprint=m.base_fingerprint)
-    return write_adapter(Path(state_dir), peft_config=result.peft_config, tensors=result.private, meta=meta, force=True)
+    return write_adapter(Path(state_dir), peft_config=result.private_config or result.peft_config, tensors=result.private, meta=meta, force=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # The round
 # --------------------------------------------------------------------------------------------------
 def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: int, history: Sequence[tuple[int, Any]] = (),
-                   private_B: Mapping[str, Any] | None = None, private_where: str = "client state",
+                   private: Mapping[str, Any] | None = None, private_where: str = "client state",
                    started_from: str | None = None, dtype: Any = None, build: Callable[..., Any] | None = None) -> tuple[Any, list[int]]:
     """(the model round ``round_`` trains, the earlier rounds folded into its base); ``dtype`` is the frozen
     base's (None: float32), the LoRA and projectors stay float32. ``build`` (default ``models.load_model``,
@@ -113,10 +118,14 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
         if carried:
             load_adapter_tensors(model, {k: start.tensors[k] for k in carried}, strict=False, where=started_from or "the global")
     else:
-        model = model_from_adapter(settings, start, lora, dtype=dtype, build=build)
+        model = model_from_adapter(settings, start, lora, dtype=dtype, build=build, local_adapter=spec.local_adapter)
     folded = fold_history(model, history, spec).rounds if spec.folds_history else []
-    if spec.private_B and private_B:
-        load_adapter_tensors(model, {k: v for k, v in private_B.items() if _is_B(k)}, strict=False, where=private_where)
+    if spec.private_B and private:
+        load_adapter_tensors(model, {k: v for k, v in private.items() if _is_B(k)}, strict=False, where=private_where)
+    if spec.local_adapter:  # FedDPA: the client's own adapter beside the global (its init in the first round)
+        from uniflow_cli.models.lora import load_local_tensors
+
+        load_local_tensors(model, dict(private or {}), where=private_where)
     return model, folded
 
 
@@ -131,7 +140,7 @@ def train_client_round(
     client_id: str | None,
     round_: int,
     history: Sequence[tuple[int, Any]] = (),
-    private_B: Mapping[str, Any] | None = None,
+    private: Mapping[str, Any] | None = None,
     private_where: str = "client state",
     total_rounds: int | None = None,
     started_from: str | None = None,
@@ -143,7 +152,7 @@ def train_client_round(
     """Build the starting model from the global ``start`` (a LoadedAdapter), train, return the upload.
 
     ``history`` is ``[(round, LoadedAdapter), ...]`` of the globals published in rounds 1..t (fedex folds
-    their residuals, flora their merged LoRA into the base); ``private_B`` is FedSA's own B from the last
+    their residuals, flora their merged LoRA into the base); ``private`` is the client state from the last
     round; ``method`` a name or a MethodSpec. ``settings``/``lora`` (ModelSettings, LoraSettings) are
     recorded in the drop (``extra.settings``) so the server can carry them into the global. The base is
     loaded in ``cfg.precision``'s dtype and trained on ``device`` (a name or a ``torch.device``), with
@@ -165,7 +174,7 @@ def train_client_round(
     device = resolve_device(device)
     check_precision(cfg.precision, device)  # before the model build: a wrong choice costs nothing
     check_quantize(cfg.quantize, device, spec)
-    model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private_B=private_B,
+    model, folded = starting_model(start, settings, lora, spec, round_=round_, history=history, private=private,
                                    private_where=private_where, started_from=started_from, dtype=precision_dtype(cfg.precision), build=build)
     if cfg.quantize is not None:
         quantize_llm(model, cfg.quantize, device=device, compute_dtype=compute_dtype(device, cfg.precision))
@@ -183,6 +192,11 @@ def train_client_round(
         from uniflow_cli.models.vera_adapter import vera_record
 
         meta.extra["vera"] = vera_record(model, tensors, drop=True)
+    if spec.local_adapter:  # FedDPA: the whole local adapter stays; its config has no modules_to_save
+        from uniflow_cli.models.lora import LOCAL_ADAPTER, local_adapter_tensors
+
+        return ClientRound(shared, local_adapter_tensors(model), peft_config_dict(model), meta, stats, upload_bytes, folded,
+                           private_config=peft_config_dict(model, LOCAL_ADAPTER))
     return ClientRound(shared, private_tensors(spec, tensors), peft_config_dict(model), meta, stats, upload_bytes, folded)
 
 

@@ -33,7 +33,7 @@ class EvalRequest:
     latest published round; ``round=0`` or ``base``: the untrained model) on every ``data/test/<modality>``.
     Explicit mode (``data`` given): ``adapter`` (or, with ``base``, the untrained model) on those split
     directories, with model settings from ``preset``, else the adapter's recorded settings, else the
-    ``workspace`` given here (never one found from the cwd); writes ``out`` (required). ``client`` (FedSA):
+    ``workspace`` given here (never one found from the cwd); writes ``out`` (required). ``client`` (FedSA, FedDPA):
     that client's personalised model of a workspace round. ``modalities`` narrows the run."""
 
     workspace: Any = None  # Path | Workspace | None; None in workspace mode: $UNIFLOW_WORKSPACE, then the cwd's
@@ -70,6 +70,7 @@ class EvalTarget:
     client: str | None = None
     force: bool = False  # the eval JSON may replace an earlier one
     notices: list[str] = field(default_factory=list)
+    local: Any = None  # FedDPA: the client's local adapter (a LoadedAdapter), active beside ``final``
 
     @property
     def method(self) -> str | None:
@@ -194,12 +195,14 @@ def _workspace_target(request: EvalRequest, only: list[str] | None) -> EvalTarge
     chain = [(s, read_adapter(ws.global_dir(s))) for s in range(1, t)]
     spec = method_spec_of(final)
     client = None if request.client is None else str(request.client)
+    local = None
     if client is not None:
-        final = personalised(ws, final, spec, t, client)
+        final, local = personalised(ws, final, spec, t, client)
     model, lora = resolve_model(ws), resolve(LoraSettings, ws)
     out = Path(request.out) if request.out is not None else (ws.client_eval_json(client, t) if client is not None else ws.eval_json(t))
     return EvalTarget(explicit=False, workspace=ws, round=t, final=final, chain=chain, spec=spec, model=model, lora=lora,
-                      samples=_load_test_splits(ws, model.modalities, only), out=out, source=str(ws.data_dir / "test"), client=client)
+                      samples=_load_test_splits(ws, model.modalities, only), out=out, source=str(ws.data_dir / "test"), client=client,
+                      local=local)
 
 
 def _explicit_target(request: EvalRequest, only: list[str] | None) -> EvalTarget:
@@ -256,9 +259,14 @@ def _target_notices(target: EvalTarget) -> list[str]:
             f"{target.method} adapter of round {t} given explicitly: earlier rounds' residuals/merges are unknown and not applied; "
             "evaluate that round inside the workspace for the exact model"
         )
-    if spec is not None and spec.private_B and target.client is not None:
+    if spec is not None and spec.local_adapter and target.client is not None:
+        notices.append(f"client {target.client}'s personalised model: round {t}'s global adapter + its local adapter, both active "
+                       f"({target.workspace.client_state(target.client)})")
+    elif spec is not None and spec.private_B and target.client is not None:
         notices.append(f"client {target.client}'s personalised model: round {t}'s global A and shared tensors + its private B "
                        f"({target.workspace.client_state(target.client)})")
+    elif spec is not None and spec.local_adapter:
+        notices.append(f"round {t} is a {target.method} global: evaluated alone (the shared model); {'--client'} K adds that client's local adapter")
     elif spec is not None and spec.private_B:
         notices.append(
             f"round {t} is a {target.method} global: it carries A and the shared tensors but no B (each client keeps its own B), "
@@ -383,14 +391,16 @@ def check_workspace_evaluation(workspace: Any, rounds: Sequence[int], modalities
         raise OutputExistsError(f"evaluation output {', '.join(existing)} already exists", fix="move it away or evaluate other rounds")
 
 
-def personalised(ws: Any, global_: Any, spec: Any, t: int, client: str) -> Any:
-    """A private-B method (FedSA): round ``t``'s global (A + shared tensors) with ``client``'s private B of round ``t``."""
+def personalised(ws: Any, global_: Any, spec: Any, t: int, client: str) -> tuple[Any, Any]:
+    """``client``'s personalised model of round ``t``: (the adapter to load, FedDPA's local adapter or None).
+    FedSA: round ``t``'s global (A + shared tensors) with the client's private B of round ``t``; FedDPA: the
+    global unchanged, and the client's local adapter of round ``t`` beside it."""
     from uniflow_cli.adapters import LoadedAdapter, read_adapter
     from uniflow_cli.aggregation.registry import SPECS
 
-    if spec is None or not spec.private_B:
-        keepers = ", ".join(name for name, s in SPECS.items() if s.private_B)
-        raise worded(UsageError, "{client} {k}: round {t} is a {m} global; only {keepers} keeps a client-private part (B), "
+    if spec is None or not spec.keeps_client_state:
+        keepers = ", ".join(name for name, s in SPECS.items() if s.keeps_client_state)
+        raise worded(UsageError, "{client} {k}: round {t} is a {m} global; only {keepers} keep a client-private part, "
                             "for every other method the global is each client's model", "drop {client}",
                             k=client, t=t, m=global_.meta.method if global_.meta is not None and global_.meta.method else "untrained", keepers=keepers)
     state = ws.client_state(client)
@@ -402,18 +412,20 @@ def personalised(ws: Any, global_: Any, spec: Any, t: int, client: str) -> Any:
     private = read_adapter(state)
     r = private.meta.round if private.meta is not None else None
     if r != t:
-        raise worded(WorkspaceError, "client {k}'s private B in {state} is from round {r}, not round {t} (it is overwritten every round)",
+        raise worded(WorkspaceError, "client {k}'s private state in {state} is from round {r}, not round {t} (it is overwritten every round)",
                             "evaluate {round} {r} {client} {k} (once rounds/{r}/global is published)" if r is not None else "re-train that client",
                             k=client, state=state, r=r, t=t)
     theirs, ours = (private.meta.base_fingerprint if private.meta else None), global_.meta.base_fingerprint
     if theirs is not None and ours is not None and theirs != ours:
         raise IncompatibleAdaptersError(
-            f"client {client}'s private B in {state} was trained on base {theirs}, round {t}'s global on {ours}",
+            f"client {client}'s private state in {state} was trained on base {theirs}, round {t}'s global on {ours}",
             fix="both must come from the same federation; re-train the client",
         )
+    if spec.local_adapter:
+        return global_, private  # its keys and shapes are checked when it loads (models.lora.load_local_tensors)
     own_B = _private_B(private, global_, client, state, t)
     return LoadedAdapter(path=global_.path, peft_config=global_.peft_config, tensors={**global_.tensors, **own_B},
-                         meta=global_.meta, residual=global_.residual)
+                         meta=global_.meta, residual=global_.residual), None
 
 
 def _private_B(private: Any, global_: Any, client: str, state: Path, t: int) -> dict[str, Any]:
@@ -435,3 +447,57 @@ def _private_B(private: Any, global_: Any, client: str, state: Path, t: int) -> 
 
 
 __all__ = ["EvalRequest", "EvalTarget", "check_modalities", "check_request", "check_workspace_evaluation", "resolve_target"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A model without test data: what ``uniflow ask`` and ``uniflow export`` build
+# --------------------------------------------------------------------------------------------------
+def model_target(workspace: Any = None, round: int | None = None, adapter: Path | None = None, preset: str | None = None,
+                 client: str | None = None) -> EvalTarget:
+    """The model of a workspace round (default: the latest published; its earlier rounds as the chain; with
+    ``client``, that client's personalised model), or of an explicit ``adapter`` (model settings: ``preset``,
+    else the ones it records, else the ``workspace`` given here). No samples and no output file: the target
+    :func:`uniflow_cli.evaluation.build_model` builds, checked as :func:`resolve_target` checks it."""
+    from uniflow_cli.adapters import read_adapter
+    from uniflow_cli.global_info import recorded_settings
+    from uniflow_cli.settings import LoraSettings, resolve, resolve_model
+
+    if adapter is not None and (round is not None or client is not None):
+        raise worded(UsageError, "{adapter} names the model itself; it cannot be combined with {round} or {client}",
+                     "give {adapter} DIR, or {round} T (and {client} K) inside the workspace")
+    if adapter is None and preset is not None:
+        raise worded(UsageError, "{preset} only applies with {adapter} (a workspace uses its uniflow.toml)", "drop {preset}, or give {adapter} DIR")
+    ws = _workspace(workspace, required=True) if adapter is None or workspace is not None else None
+    chain: list[tuple[int, Any]] = []
+    local = None
+    if adapter is None:
+        published = ws.published_rounds()
+        if not published:
+            raise WorkspaceError(f"no global adapter is published in {ws.root / 'rounds'}", fix="run 'uniflow init' to create round 0")
+        t = published[-1] if round is None else round
+        if t not in published:
+            raise worded(WorkspaceError, "round {t} is not published in {where} (published: {listed})", "pick a published round, e.g. {round} {last}",
+                         t=t, where=ws.root / "rounds", listed=", ".join(map(str, published)), last=published[-1])
+        missing = [s for s in range(1, t) if s not in published]
+        if missing:
+            raise WorkspaceError(f"round {t} needs the globals of rounds 1..{t - 1} (their residuals/merges), but round(s) {missing} are missing",
+                                 fix="restore the missing rounds/<t>/global directories")
+        final = read_adapter(ws.global_dir(t))
+        chain = [(s, read_adapter(ws.global_dir(s))) for s in range(1, t)]
+        spec = method_spec_of(final)
+        if client is not None:
+            final, local = personalised(ws, final, spec, t, str(client))
+        model, lora = resolve_model(ws), resolve(LoraSettings, ws)
+    else:
+        final = read_adapter(Path(adapter))
+        t, spec = (final.meta.round if final.meta is not None else None), method_spec_of(final)
+        recorded = recorded_settings(final.meta, str(final.path)) if preset is None else None
+        if preset is None and recorded is None and ws is None:
+            raise worded(UsageError, "no model settings: the adapter {path} records none, and neither {preset} nor {workspace} was given",
+                         "give {preset} tiny-random|smol (or {workspace} DIR, the workspace the adapter came from)", path=final.path)
+        model, lora = _explicit_settings(EvalRequest(adapter=Path(adapter), preset=preset), ws, final, recorded, {})
+    target = EvalTarget(explicit=adapter is not None, workspace=ws, round=t, final=final, chain=chain, spec=spec, model=model, lora=lora,
+                        samples={}, out=None, source=str(final.path), client=None if client is None else str(client), local=local)  # type: ignore[arg-type]
+    _check_task(target)
+    target.notices.extend(_target_notices(target))
+    return target

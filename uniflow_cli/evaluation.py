@@ -291,7 +291,11 @@ def build_model(target: EvalTarget, *, progress: Callable[[str], None] | None = 
     if target.final is None:
         model = load_model(target.model, target.lora, 0, progress=status, dtype=dtype)
     else:
-        model = model_from_adapter(target.model, target.final, target.lora, progress=status, dtype=dtype)
+        model = model_from_adapter(target.model, target.final, target.lora, progress=status, dtype=dtype, local_adapter=target.local is not None)
+    if target.local is not None:  # FedDPA's personalised model: the client's local adapter beside the global
+        from uniflow_cli.models.lora import load_local_tensors
+
+        load_local_tensors(model, target.local.tensors, where=str(target.local.path))
     folded = fold_history(model, target.chain, target.spec)
     if target.final is not None:  # its LoRA pairs are loaded as LoRA, not merged; only its residual goes to the base
         fold_history(model, [(target.round or 0, target.final)], target.spec, merge=False, into=folded)

@@ -7,7 +7,7 @@
   what it is given: no workspace from the cwd or ``$UNIFLOW_WORKSPACE``, only an explicit ``workspace``.
 * :func:`build_inputs` — the shard, the global, the method, the model and LoRA settings (the workspace's,
   else a given preset, else the settings the global records), the history FedEx/FLoRA fold, FedSA's B.
-* :func:`publish` — the drop, atomically, then FedSA's private B (nothing is published on error).
+* :func:`publish` — the drop, atomically, then the client state (FedSA's B, FedDPA's local adapter; nothing is published on error).
 
 Round numbering: a client reads ``rounds/t/global`` (t = latest published) and drops into
 ``rounds/t+1/clients/<k>``; the server fuses those into ``rounds/t+1/global``.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniflow_cli.client_round import ClientRound, method_may_keep_state, read_private_B, train_client_round, write_private_B
+from uniflow_cli.client_round import ClientRound, method_may_keep_state, read_client_state, train_client_round, write_client_state
 from uniflow_cli.errors import ConfigError, TrainingError, UsageError, worded
 from uniflow_cli.settings import TrainSettings, resolve_train
 from uniflow_cli.training import TrainStats
@@ -70,7 +70,7 @@ class Inputs:
     lora: Any  # LoraSettings
     client_id: str | None
     history: list[tuple[int, Any]]
-    private_B: dict[str, Any] | None
+    private: dict[str, Any] | None  # the client state of its last round (FedSA's B, FedDPA's local adapter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,24 +209,25 @@ def build_inputs(target: Target, cfg: TrainSettings, *, method: str | None, pres
             raise  # the caller's value: its field names it (the CLI: --method)
         source = f"{target.global_dir}'s uniflow.json" if recorded else f"{target.ws.config_path} [aggregate]"
         raise ConfigError(f"{source}: {exc.problem}", fix=exc.fix) from None
-    if spec.private_B and target.state_dir is None:
-        # Without a place to keep it, the client's own B would be trained and then thrown away.
-        raise worded(UsageError, "method {method} keeps each client's B between rounds, but {state_dir} is not given",
-                              fix="give {state_dir} DIR (this client's private directory)", method=spec.name)
+    if spec.keeps_client_state and target.state_dir is None:
+        # Without a place to keep it, the client's own B (local adapter) would be trained and then thrown away.
+        kept = "B" if spec.private_B else "local adapter"
+        raise worded(UsageError, "method {method} keeps each client's {kept} between rounds, but {state_dir} is not given",
+                              fix="give {state_dir} DIR (this client's private directory)", method=spec.name, kept=kept)
     model, lora = model_settings_for(target, start, preset)
     client_id = target.client if target.client is not None else (start.meta.client_id if start.meta else None)
-    return Inputs(cfg, dataset, start, spec, model, lora, client_id, _history(target, spec, start), read_private_B(target.state_dir, spec))
+    return Inputs(cfg, dataset, start, spec, model, lora, client_id, _history(target, spec, start), read_client_state(target.state_dir, spec))
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. Publish
 # --------------------------------------------------------------------------------------------------
 def publish(target: Target, inputs: Inputs, result: ClientRound, *, force: bool) -> LocalTrainOutcome:
-    """The drop (atomically; read back as the server will), then the client's private B (FedSA)."""
+    """The drop (atomically; read back as the server will), then the client state (FedSA's B, FedDPA's local adapter)."""
     from uniflow_cli.adapters import open_adapter, write_adapter
 
     written = write_adapter(target.out, peft_config=result.peft_config, tensors=result.shared, meta=result.meta, force=force)
-    kept = write_private_B(target.state_dir, result) if target.state_dir is not None else None
+    kept = write_client_state(target.state_dir, result) if target.state_dir is not None else None
     open_adapter(written)  # read back: what we published is what the server will verify
     return LocalTrainOutcome(written, target.round, inputs.spec.name, result.stats, result.upload_bytes,
                              Path(target.state_dir) if kept is not None else None, result.folded_rounds)
@@ -267,7 +268,7 @@ def run_local_train(
     on_wait: Callable[[str], None] | None = None,
     build: Callable[..., Any] | None = None,
 ) -> LocalTrainOutcome:
-    """Resolve the target, train one client's round, publish the drop (and FedSA's private B).
+    """Resolve the target, train one client's round, publish the drop (and the client state: FedSA's B, FedDPA's local adapter).
 
     ``cfg`` is used as given; without it the training settings are ``overrides`` (field → value, None = not
     given) over the target workspace's ``[train]`` (explicit mode without ``workspace``: the built-in
@@ -293,7 +294,7 @@ def run_local_train(
     inputs = build_inputs(target, cfg, method=method, preset=preset)
     result = train_client_round(
         inputs.cfg, inputs.start, inputs.dataset, inputs.model, inputs.lora, method=inputs.spec, client_id=inputs.client_id,
-        round_=target.round, history=inputs.history, private_B=inputs.private_B, private_where=str(target.state_dir or "client state"),
+        round_=target.round, history=inputs.history, private=inputs.private, private_where=str(target.state_dir or "client state"),
         total_rounds=total_rounds, started_from=_recorded_path(target.ws, target.global_dir), device=device,
         gradient_checkpointing=gradient_checkpointing, on_step=on_step, build=build,
     )

@@ -197,8 +197,8 @@ def train_loop(
 # a cycle: both import this module for the loop).
 _MOVED = {
     "ClientRound": "client_round", "train_client_round": "client_round", "upload_tensors": "client_round",
-    "private_tensors": "client_round", "method_may_keep_state": "client_round", "write_private_B": "client_round",
-    "read_private_B": "client_round",
+    "private_tensors": "client_round", "method_may_keep_state": "client_round", "write_client_state": "client_round",
+    "read_client_state": "client_round",
     "run_local_train": "local_train", "LocalTrainOutcome": "local_train", "read_adapter_round": "local_train",
 }
 

@@ -10,10 +10,10 @@ else the nearest parent of the current directory holding ``uniflow.toml``. Layou
       rounds/<t>/global/              what the server published for round t (round 0 = initial adapter)
       rounds/<t>/report.json          the server's per-layer aggregation report of round t (aggregate --report)
       rounds/<t>/clients/<k>/         what client k dropped for round t
-      state/clients/<k>/              client-private state that never leaves the client (FedSA's B)
+      state/clients/<k>/              client-private state that never leaves the client (FedSA's B, FedDPA's local adapter)
       state/flower/<k>/globals/<t>/   a Flower node's copies of earlier globals (fedex/flora fold them)
       eval/round-<t>.json             uniflow evaluate of rounds/<t>/global
-      eval/clients/<k>/round-<t>.json FedSA: client k's personalised model (global A + its private B)
+      eval/clients/<k>/round-<t>.json FedSA/FedDPA: client k's personalised model (global + its private state)
 
 Round numbering: clients train on ``rounds/t/global`` and drop into ``rounds/t+1/clients/<k>``; the
 server fuses ``rounds/t+1/clients/*`` into ``rounds/t+1/global``.
@@ -94,7 +94,7 @@ class Workspace:
         return self._under("eval", f"round-{check_round(t)}.json")
 
     def client_eval_json(self, client: int | str, t: int) -> Path:
-        """A client's personalised model (FedSA: global A + its private B) evaluated at round ``t``."""
+        """A client's personalised model (FedSA: global A + its private B; FedDPA: global + its local adapter) evaluated at round ``t``."""
         return self._under("eval", "clients", check_id(client), f"round-{check_round(t)}.json")
 
     def rounds(self) -> list[int]:

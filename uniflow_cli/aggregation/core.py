@@ -400,6 +400,8 @@ def _notes(method: Method) -> list[str]:
     notes = []
     if method.private_B:
         notes.append(f"{method.name}: the global carries A and shared tensors only; each client keeps its own B")
+    if method.local_adapter:
+        notes.append(f"{method.name}: the global adapter only; each client keeps its own local adapter, active beside it")
     if method.merges_into_base:
         stacked = "stacked rank; " if method.stacks_ranks else ""
         notes.append(f"{method.name}: {stacked}merge into the base weights before the next round")

@@ -9,6 +9,7 @@ folded into B relative to the output's scaling, so that for every method the pub
 | fedit | Σ w_k A_k | Σ w_k B_k |
 | ffa   | A_0 (frozen) | Σ w_k B_k |
 | fedsa | Σ w_k A_k | — (clients keep their own B) |
+| feddpa | Σ w_k A_k | Σ w_k B_k (the global adapter; each client's local adapter never leaves it) |
 | fedex | Σ w_k A_k | Σ w_k B_k, plus the dense residual U − B̄Ā folded into W_0 |
 | fedA2 | Ā = Σ w_k A_k | U Āᵀ (ĀĀᵀ + λI)⁻¹ (Eq. 13) |
 | svd   | top-r factors of U | |
@@ -100,6 +101,6 @@ class Method:
 
 
 _FUSE: dict[str, Callable[[LayerInputs], LayerOutput]] = {
-    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "fedex": _fedex, "fedA2": _fedA2, "svd": _svd, "flora": _flora,
+    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2, "svd": _svd, "flora": _flora,
 }
 METHODS: dict[str, Method] = {name: Method(spec, _FUSE[name]) for name, spec in SPECS.items()}

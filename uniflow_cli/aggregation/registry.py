@@ -26,6 +26,9 @@ class MethodSpec:
     merges_into_base: bool = False  # every published global is merged into W0 before the next round (FLoRA)
     residual: bool = False  # the global carries a dense residual that clients fold into W0 (FedEx)
     private_B: bool = False  # each client keeps its own B between rounds (FedSA): the global has no B
+    # Each client trains a second, local adapter beside the global one, both active in its forward, and keeps
+    # it between rounds (FedDPA): the global adapter is fused as FedIT's, the local one never leaves the client.
+    local_adapter: bool = False
     line_up: bool = True  # the replies line up with the global array by array (Flower's DP wrappers need it)
     # Why the method has no VeRA form (None: it has one, aggregation/vera.py). On VeRA, d plays A and b plays
     # B, so every fact above about A is about d, and about B is about b (docs/aggregation.md, "VeRA").
@@ -53,8 +56,8 @@ class MethodSpec:
 
     @property
     def keeps_client_state(self) -> bool:
-        """A client keeps private state between rounds (FedSA's B)."""
-        return self.private_B
+        """A client keeps private state between rounds (FedSA's B, FedDPA's local adapter)."""
+        return self.private_B or self.local_adapter
 
     @property
     def on_vera(self) -> bool:
@@ -75,7 +78,8 @@ class MethodSpec:
     def sharing(self) -> str:
         """What a client uploads, in words (status lines, docs)."""
         factors = " and ".join(self.uploads)
-        kept = " (B stays on the client)" if self.private_B else " (A is frozen)" if self.frozen_A else ""
+        kept = (" (B stays on the client)" if self.private_B else " (A is frozen)" if self.frozen_A
+                else " (a local adapter stays on the client)" if self.local_adapter else "")
         return f"{factors} and non-LoRA tensors{kept}"
 
 
@@ -85,6 +89,8 @@ SPECS: dict[str, MethodSpec] = {
         MethodSpec("fedit", "FedIT: average A and B separately (the 'LoRA' baseline)"),
         MethodSpec("ffa", "FFA-LoRA: A frozen at its initial value, average B", uploads=("B",), frozen_A=True, line_up=False),
         MethodSpec("fedsa", "FedSA-LoRA: share and average A; each client keeps its B", uploads=("A",), private_B=True, line_up=False),
+        MethodSpec("feddpa", "FedDPA: average the global adapter's A and B (as FedIT); each client also trains a local adapter it keeps",
+                   local_adapter=True),
         MethodSpec("fedex", "FedEx-LoRA: average A, B + dense residual folded into W0", residual=True, line_up=False),
         MethodSpec("fedA2", "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
         MethodSpec("svd", "best rank-r approximation of Σ w_k B_k A_k (reference optimum)",

@@ -234,7 +234,7 @@ def _fedA2(x: _Layer, options: AggregationOptions) -> VeraLayerOutput:
 
 
 _FUSE: dict[str, Callable[[_Layer, AggregationOptions], VeraLayerOutput]] = {
-    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "fedex": _fedex, "fedA2": _fedA2,
+    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2,
 }
 # Which methods have a VeRA form, and why the others have none, is a fact of the method: the registry's.
 assert set(_FUSE) == set(VERA_METHODS), "every method the registry defines on VeRA needs its fuse here"

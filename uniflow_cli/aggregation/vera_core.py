@@ -274,6 +274,8 @@ def _notes(spec: MethodSpec) -> list[str]:
     notes = []
     if spec.private_B:
         notes.append(f"{spec.name}: the global carries d, the projections and shared tensors only; each client keeps its own b")
+    if spec.local_adapter:
+        notes.append(f"{spec.name}: the global adapter only; each client keeps its own local adapter (its own d and b), active beside it")
     if spec.residual:
         notes.append(f"{spec.name}: residual.safetensors must be added to the frozen base weights")
     return notes

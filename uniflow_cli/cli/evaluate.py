@@ -78,7 +78,7 @@ def evaluate(
         Optional[int], typer.Option("--bertscore-layers", min=1, help="BERTScore layer (default: 6 for the embedded model, else the last).", show_default=False)
     ] = None,
     client: Annotated[
-        Optional[str], client_option("FedSA: client K's personalised model (the global A + its private B of that round).")
+        Optional[str], client_option("FedSA/FedDPA: client K's personalised model (FedSA: the global A + its private B; FedDPA: the global + its local adapter).")
     ] = None,
     modalities: Annotated[
         Optional[str],
@@ -148,7 +148,7 @@ def _print(result: EvalResult, client: Optional[str]) -> None:
     metrics = result.payload["metrics"]  
     what = result.payload["adapter"]["path"] or "untrained base"  
     if client is not None:
-        what = f"{what} + client {client}'s private B"
+        what = f"{what} + client {client}'s private state"
     for modality, values in metrics.items():
         name = f"{OVERALL} ({', '.join(values.get('modalities', []))})" if modality == OVERALL else modality
         table = Table(title=f"{name} · round {result.round} (%)", title_justify="left")  

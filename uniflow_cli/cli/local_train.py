@@ -95,7 +95,7 @@ def local_train(
     stdout.print(
         f"[green]published[/green] {outcome.out}  round {outcome.round}, method {outcome.method}, {s.num_examples} examples, "
         f"{s.steps} steps ({per_stage}), loss {s.first_loss:.4f} → {s.last_loss:.4f}, {s.seconds:.1f} s, "
-        f"upload {human_bytes(outcome.upload_bytes)}" + (f"; private B kept in {outcome.state_dir}" if outcome.state_dir else "")
+        f"upload {human_bytes(outcome.upload_bytes)}" + (f"; client state kept in {outcome.state_dir}" if outcome.state_dir else "")
         + (f"; folded rounds {outcome.folded_rounds} into the base" if outcome.folded_rounds else "")
         + (f"; {s.truncated} of {s.num_examples} examples cut to {s.max_length} tokens" if s.truncated else ""),
         soft_wrap=True,

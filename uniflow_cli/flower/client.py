@@ -89,7 +89,7 @@ def node_device(settings: FlowerRunSettings, node_config: Mapping[str, Any]) -> 
 
 def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """Train this node's shard from the global in ``content``; return the reply's RecordDict."""
-    from uniflow_cli.client_round import read_private_B, train_client_round, write_private_B
+    from uniflow_cli.client_round import read_client_state, train_client_round, write_client_state
     from uniflow_cli.compute import check_precision
     from uniflow_cli.data.build import load_split
     from uniflow_cli.flower.settings import in_run_config_terms
@@ -116,10 +116,10 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
     state = ws.client_state(client)
     result = train_client_round(
         cfg, start, dataset, model_settings, resolve(LoraSettings, ws), method=method, client_id=client, round_=t + 1,
-        history=history, private_B=read_private_B(state, method), private_where=str(state), total_rounds=settings.num_server_rounds,
+        history=history, private=read_client_state(state, method), private_where=str(state), total_rounds=settings.num_server_rounds,
         started_from=f"flower global of round {t}", device=device, gradient_checkpointing=bool(settings.gradient_checkpointing),
     )
-    write_private_B(state, result)  # FedSA: the client's own B stays on this node for its next round
+    write_client_state(state, result)  # FedSA's B, FedDPA's local adapter: stays on this node for its next round
     stats = result.stats
     metrics = MetricRecord(
         {

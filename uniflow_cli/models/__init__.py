@@ -91,20 +91,25 @@ def load_model(
     *,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    local_adapter: bool = False,
 ) -> Any:
     """The UniflowModel wrapped by PEFT with LoRA in the encoders and the LLM (all trainable: stage ``both``).
 
     ``dtype``: the frozen base's (see :func:`build_base`); LoRA weights stay float32. Same settings and
-    seed give bit-identical initial adapter tensors, in any ``dtype``.
+    seed give bit-identical initial adapter tensors, in any ``dtype``. ``local_adapter`` adds FedDPA's second,
+    client-local adapter (:func:`~uniflow_cli.models.lora.add_local_adapter`), part of the build so that
+    ``uniflow simulate``'s pool snapshots and resets it like every other trainable tensor.
     """
-    from uniflow_cli.models.lora import add_lora
+    from uniflow_cli.models.lora import add_local_adapter, add_lora
 
     settings = _settings(model_cfg)
     if settings.is_classify:
         from uniflow_cli.models.classify import add_classifier_lora
 
-        return add_classifier_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
-    return add_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
+        model = add_classifier_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
+    else:
+        model = add_lora(build_base(settings, seed, progress=progress, dtype=dtype), lora_cfg, seed)
+    return add_local_adapter(model, lora_cfg, seed) if local_adapter else model
 
 
 def model_from_adapter(
@@ -115,17 +120,20 @@ def model_from_adapter(
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
     build: Any = None,
+    local_adapter: bool = False,
 ) -> Any:
     """Build the model for a loaded adapter (``adapters.read_adapter(...)``) and load its tensors.
 
     Refuses an adapter whose ``base_fingerprint`` differs from this base's. ``dtype``: the frozen base's
     (the adapter's tensors load into float32 LoRA weights unchanged). ``build`` (default :func:`load_model`,
     same signature) makes the model before the tensors load: ``uniflow simulate`` passes one that hands back
-    a loaded model reset to what ``load_model`` would build.
+    a loaded model reset to what ``load_model`` would build. ``local_adapter``: FedDPA's (see :func:`load_model`),
+    left at its init; the caller loads the client's own.
     """
     from uniflow_cli.models.lora import check_compatible, load_adapter_tensors, lora_settings_from_peft
 
-    model = (build or load_model)(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress, dtype=dtype)
+    options = {"local_adapter": True} if local_adapter else {}  # FedDPA only: every other build keeps load_model's signature
+    model = (build or load_model)(model_cfg, lora_settings_from_peft(adapter.peft_config, lora_defaults), 0, progress=progress, dtype=dtype, **options)
     fingerprint = adapter.meta.base_fingerprint if adapter.meta is not None else None
     where = str(adapter.path) if adapter.path is not None else "adapter"
     check_compatible(model, adapter.peft_config, fingerprint=fingerprint, where=where)

@@ -143,6 +143,70 @@ def add_lora(model: Any, lora: LoraSettings, seed: int = 0) -> Any:
     return peft_model
 
 
+#: FedDPA's client-local adapter, beside PEFT's ``default`` (the global adapter every other function here means).
+LOCAL_ADAPTER = "local"
+#: Its init stream: another seed than the global adapter's, so the two do not start as twins (with B = 0 on
+#: both, equal A would give both B the same gradient until the first aggregation told them apart).
+_LOCAL_SEED_OFFSET = 0x10CA1
+
+
+def add_local_adapter(peft_model: Any, lora: LoraSettings, seed: int = 0) -> Any:
+    """FedDPA: a second adapter ``local`` on the global adapter's targets, both active in the forward
+    (ΔW = Δ_global + Δ_local on each layer) and both trainable. It has no ``modules_to_save``: the projectors
+    and a classifier head are the global adapter's (PEFT activates at most one copy of those). Same float32 and
+    init discipline as :func:`add_lora`; ``seed`` is the build's."""
+    import dataclasses
+
+    if LOCAL_ADAPTER in peft_model.peft_config:
+        raise UsageError("the model already has a local adapter", fix="build the model afresh")
+    config = dataclasses.replace(peft_model.peft_config["default"], modules_to_save=None)
+    low_precision = any(p.is_floating_point() and p.dtype != torch.float32 for n, p in peft_model.named_parameters() if not is_adapter_weight(n))
+    with torch.random.fork_rng(devices=[]), _adapters_stay_float32() if low_precision else contextlib.nullcontext():
+        torch.manual_seed(seed + _LOCAL_SEED_OFFSET)
+        peft_model.add_adapter(LOCAL_ADAPTER, config)
+    for name, param in peft_model.named_parameters():
+        if is_adapter_weight(name) and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    peft_model.base_model.set_adapter(["default", LOCAL_ADAPTER])
+    return peft_model
+
+
+def has_local_adapter(model: Any) -> bool:
+    return LOCAL_ADAPTER in getattr(model, "peft_config", {})
+
+
+def local_adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The local adapter's own factors under PEFT key names (as :func:`adapter_tensors`; never VeRA's
+    projections, which are the federation's and live in every global)."""
+    from peft import get_peft_model_state_dict
+
+    from uniflow_cli.peft_keys import factor_side
+
+    state = get_peft_model_state_dict(model, adapter_name=LOCAL_ADAPTER)
+    return {k: state[k].detach().to("cpu", torch.float32).clone().contiguous() for k in sorted(state) if factor_side(k) in ("in", "out")}
+
+
+def load_local_tensors(model: Any, tensors: dict[str, torch.Tensor], *, where: str = "client state") -> None:
+    """Copy a client's local adapter (FedDPA) into ``model``'s ``local`` adapter; every key and shape is
+    checked first. Keys it does not give keep their current values. On VeRA the local adapter is given the
+    global adapter's projections (they are one federation-wide pair), so call it after the global is loaded."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = local_adapter_tensors(model)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise IncompatibleAdaptersError(f"{where} has {len(unknown)} tensors this model's local adapter lacks (first {unknown[0]!r})",
+                                        fix="use the client state this federation's model wrote")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise IncompatibleAdaptersError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}, the local adapter expects "
+                                            f"{tuple(expected[key].shape)}", fix="use the same lora r as the federation")
+    state = {**expected, **{k: v.to(torch.float32) for k, v in tensors.items()}}
+    shared = get_peft_model_state_dict(model)  # the global's projections (VeRA); nothing else is taken from it
+    state.update({k: v for k, v in shared.items() if k.startswith("base_model.vera_")})
+    set_peft_model_state_dict(model, state, adapter_name=LOCAL_ADAPTER)
+
+
 def _part(name: str) -> str | None:
     if ".encoders." in name or name.startswith("encoders."):
         return "encoder"
@@ -200,9 +264,9 @@ def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().to("cpu", torch.float32).clone().contiguous() for k in sorted(state)}
 
 
-def peft_config_dict(model: Any) -> dict[str, Any]:
+def peft_config_dict(model: Any, adapter: str = "default") -> dict[str, Any]:
     """The adapter's ``LoraConfig`` as a JSON-ready dict (what ``adapter_config.json`` holds)."""
-    config = model.peft_config["default"].to_dict()
+    config = model.peft_config[adapter].to_dict()
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else getattr(v, "value", str(v))))
 
 
