@@ -196,9 +196,10 @@ def test_records_round_trip_exactly_and_refuse_other_dtypes():
 
 
 # ---------------------------------------------------------------------------------------------- byte identity, in process
-@pytest.mark.parametrize("method", ["fedsa", "fedex", "flora", "ffa"])
+@pytest.mark.parametrize("method", ["fedsa", "feddpa", "fedex", "flora", "ffa"])
 def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
-    """Three rounds, two clients: fedsa's private B, fedex's residual history, flora's merge history, ffa's frozen A."""
+    """Three rounds, two clients: fedsa's private B, feddpa's local adapter, fedex's residual history, flora's merge
+    history, ffa's frozen A."""
     clients = {"0": 4, "1": 5}
     expected = file_drop(copy_of(template, tmp_path / "drop"), method, 3, clients)
     ws = copy_of(template, tmp_path / "flower")
@@ -219,6 +220,9 @@ def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
     if method == "fedsa":  # B stayed on the node and never entered the global
         assert all(k.endswith("lora_B.weight") for k in read_adapter(ws / "state" / "clients" / "0").tensors)
         assert not any(k.endswith("lora_B.weight") for k in read_adapter(ws / "rounds" / "2" / "global").tensors)
+    if method == "feddpa":  # the local adapter stayed on the node, the same bytes as the file-drop client's
+        local = read_adapter(ws / "state" / "clients" / "0")
+        assert local.meta.round == 3 and local.tensors and not any("projectors" in k for k in local.tensors)
 
 
 def test_nodes_with_their_own_workspace_need_only_the_config_and_their_shard(template, tmp_path):
