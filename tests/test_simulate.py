@@ -281,6 +281,18 @@ def test_eval_every_writes_what_evaluate_writes_and_status_and_report_read_it(si
     assert (tmp_path / "report" / "report.md").is_file()
 
 
+def test_eval_every_also_evaluates_each_feddpa_clients_personalised_model(site, tmp_path):
+    """FedDPA (and FedSA) have one model per client: simulate writes what evaluate --client K writes, per trained client."""
+    ws = fresh(site, "feddpa", "evaluated-clients")
+    payload = json.loads(ok("simulate", "-w", ws, "--rounds", 1, "--eval-every", 1, "--eval-limit", 1, "--max-new-tokens", 2, "--json").stdout)
+    names = sorted(Path(p).relative_to(ws / "eval").as_posix() for p in payload["evaluations"])
+    assert names == ["clients/0/round-1.json", "clients/1/round-1.json", "clients/2/round-1.json", "round-1.json"]
+    evaluated = json.loads((ws / "eval" / "clients" / "1" / "round-1.json").read_text())
+    ok("evaluate", "-w", ws, "--round", 1, "--client", 1, "--limit", 1, "--max-new-tokens", 2, "--out", tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["metrics"] == evaluated["metrics"] and evaluated["adapter"]["client"] == "1"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("args", "message", "code"),

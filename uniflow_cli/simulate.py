@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from uniflow_cli.aggregation.registry import method_spec
 from uniflow_cli.errors import (
     ConfigError,
     DataError,
@@ -470,6 +471,26 @@ def evaluate_round(plan: Plan, t: int, *, emit: OnProgress) -> Path:
     return Path(result.path)
 
 
+def evaluate_clients(plan: Plan, t: int, clients: Sequence[str], *, emit: OnProgress) -> list[Path]:
+    """A method that keeps client state (FedSA's B, FedDPA's local adapter) has one model per client: each of
+    ``clients`` (those that trained round ``t``) is evaluated as ``uniflow evaluate --round t --client k`` does,
+    into ``eval/clients/<k>/round-t.json``. Right after the round, while each state is still round ``t``'s; an
+    evaluation an interrupted run already wrote stands."""
+    from uniflow_cli.eval_target import EvalRequest
+    from uniflow_cli.evaluation import run_evaluate
+
+    options = replace(plan.eval_options, device=str(plan.device), precision=plan.precision)
+    written = []
+    for client in clients:
+        if os.path.lexists(plan.ws.client_eval_json(client, t)):
+            continue
+        result = run_evaluate(EvalRequest(workspace=plan.ws, round=t, client=client), options,
+                              on_batch=lambda n, total, phase: emit(SimulationEvent("evaluate", t, client, done=n, total=total, message=phase)),
+                              on_status=lambda message: emit(SimulationEvent("evaluate", t, client, message=message)))
+        written.append(Path(result.path))
+    return written
+
+
 def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, clients: Sequence[str] | None = None,
                    fraction: float | None = None, eval_every: int | None = None, eval_options: Any = None, device: Any = "auto",
                    precision: str | None = None, gradient_checkpointing: bool = False, on_progress: OnProgress | None = None,
@@ -480,7 +501,9 @@ def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, cl
 
     ``clients``: ids (None or ``["all"]``: every partitioned client); ``fraction``: each round trains a
     deterministic sample of them (:func:`select_clients`, seeded by ``[train] seed``). ``method``, ``device``,
-    ``precision`` and ``gradient_checkpointing`` mean what they mean to local-train and aggregate.
+    ``precision`` and ``gradient_checkpointing`` mean what they mean to local-train and aggregate. A method
+    whose clients keep state (FedSA, FedDPA) also evaluates each trained client's personalised model
+    (:func:`evaluate_clients`) whenever the global is evaluated.
     Everything is checked before the first round trains; every output is published atomically."""
     started = time.perf_counter()
     emit = on_progress or (lambda _event: None)
@@ -510,6 +533,8 @@ def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, cl
         emit(SimulationEvent("published", t, done=done, message=str(plan.ws.global_dir(t))))
         if due_for_evaluation(t, eval_every, rounds):
             outcome.evaluations.append(evaluate_round(plan, t, emit=emit))
+            if method_spec(plan.aggregate.method).keeps_client_state:
+                outcome.evaluations += evaluate_clients(plan, t, selected, emit=emit)
     pool.release()
     outcome.model_builds, outcome.build_seconds = pool.builds, pool.build_seconds
     outcome.seconds = time.perf_counter() - started

@@ -27,8 +27,9 @@ EXAMPLES = [
 ]
 EPILOG = epilog(EXAMPLES, [(
     "Each round writes what local-train per client and aggregate --round write (rounds/T/clients/K, rounds/T/global, "
-    "rounds/T/report.json, FedSA's state/clients/K), byte for byte the same for the same threads, device and precision; "
-    "--eval-every writes eval/round-T.json as uniflow evaluate does. Training settings come from the workspace's [train] "
+    "rounds/T/report.json, FedSA's/FedDPA's state/clients/K), byte for byte the same for the same threads, device and precision; "
+    "--eval-every writes eval/round-T.json as uniflow evaluate does (FedSA/FedDPA: also each trained client's personalised model, "
+    "eval/clients/K/round-T.json). Training settings come from the workspace's [train] "
     "table. See docs/federation.md."),
 ])
 
@@ -93,7 +94,7 @@ def _print(outcome: Any) -> None:
 
     if not outcome.records:
         stdout.print(f"{outcome.workspace} already has round {outcome.resumed_from} published (--rounds {outcome.rounds}); nothing to train"
-                     + (f"; evaluated {len(outcome.evaluations)} round(s)" if outcome.evaluations else ""), soft_wrap=True)
+                     + (f"; wrote {len(outcome.evaluations)} evaluation(s)" if outcome.evaluations else ""), soft_wrap=True)
         return
     table = Table(title=f"{outcome.method}: rounds {outcome.records[0].round}..{outcome.records[-1].round}", title_justify="left")
     for column in ("round", "clients", "mean ‖s·BA−U‖/‖U‖", "train s", "aggregate s"):
@@ -138,7 +139,8 @@ def _progress(console: Any) -> Any:
             elif event.kind == "published":
                 progress.update(overall, completed=event.done, description=f"round {event.round} published")
             elif event.kind == "evaluate":
-                progress.update(detail, description=f"evaluate round {event.round}", completed=event.done, total=event.total,
+                who = f" client {event.client}" if event.client is not None else ""
+                progress.update(detail, description=f"evaluate round {event.round}{who}", completed=event.done, total=event.total,
                                 info=event.message or "")
             elif event.kind == "notice":
                 progress.console.print(f"[yellow]notice:[/yellow] {event.message}", soft_wrap=True)
