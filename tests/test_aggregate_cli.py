@@ -38,7 +38,7 @@ def assert_failed(result, message: str, code: int = 1, out: Path | None = None):
 
 
 # ---------------------------------------------------------------------------------------------- happy paths
-@pytest.mark.parametrize("method", ["fedit", "fedA2", "fedex", "svd", "flora"])
+@pytest.mark.parametrize("method", ["fedit", "fedA2", "fedex", "svd", "flora", "lora-fair", "flexlora", "hetlora"])
 def test_aggregate_writes_a_valid_global(drops, tmp_path, method):
     out = tmp_path / "global"
     result = run("aggregate", "--method", method, *drops, "--out", out, "--report", tmp_path / "r.json")

@@ -87,7 +87,7 @@ def test_root_help_lists_commands_in_workflow_order():
     listed = re.findall(r"^│ ([a-z-]+) {2,}", result.stdout, flags=re.MULTILINE)
     listed = [name for name in listed if name in WORKFLOW]
     assert listed[:6] == ["init", "partition", "local-train", "aggregate", "simulate", "evaluate"]
-    assert listed == list(WORKFLOW) and len(WORKFLOW) == 12
+    assert listed == list(WORKFLOW) and len(WORKFLOW) == 15
 
 
 def test_root_help_has_the_first_example_of_every_command():

@@ -361,7 +361,7 @@ def test_a_bad_run_config_stops_the_server_app_with_one_clear_line(template, tmp
     context = Context(run_id=1, node_id=0, node_config={}, state=None, run_config={"workspace": str(ws), "method": "fedavg"})
     with caplog.at_level("ERROR"), pytest.raises(UniflowError, match='run-config method="fedavg" is not one of'):
         main(NoGrid(), context)
-    assert 'uniflow: run-config method="fedavg" is not one of fedit, ffa, fedsa, feddpa, fedex, fedA2, svd, flora (did you mean ' in caplog.text
+    assert 'uniflow: run-config method="fedavg" is not one of fedit, ffa, fedsa, feddpa, fedex, fedA2, svd, flora, lora-fair, flexlora, hetlora, fedsvd (did you mean ' in caplog.text
     assert not (ws / "rounds" / "1").exists()
 
 

@@ -117,6 +117,10 @@ def test_flower_names_the_run_config_key():
     ("fedA2", ("A", "B"), False, False, False, False, False, True),
     ("svd", ("A", "B"), False, False, False, False, False, True),
     ("flora", ("A", "B"), False, True, True, False, False, False),
+    ("lora-fair", ("A", "B"), False, False, False, False, False, True),
+    ("flexlora", ("A", "B"), False, False, False, False, False, False),
+    ("hetlora", ("A", "B"), False, False, False, False, False, False),
+    ("fedsvd", ("B",), True, False, False, False, False, False),
 ])
 def test_registry_table(name, uploads, frozen_A, stacks, merges, residual, private_B, line_up):
     s = method_spec(name)
@@ -148,7 +152,7 @@ def test_no_method_name_branches_outside_the_registry():
     import re
 
     root = Path(__file__).resolve().parents[1] / "uniflow_cli"
-    pattern = re.compile(r"""(method(\.name)?|options\.method)\s*(==|!=|in)\s*\(?["'](fedit|ffa|fedsa|fedex|fedA2|svd|flora)["']""")
+    pattern = re.compile(r"""(method(\.name)?|options\.method)\s*(==|!=|in)\s*\(?["'](fedit|ffa|fedsa|feddpa|fedex|fedA2|svd|flora|lora-fair|flexlora|hetlora|fedsvd)["']""")
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "registry.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []

@@ -64,7 +64,7 @@ def train_round(ws: Path, method: str) -> None:
 
 
 # One set of drops per kind of upload: fedit's (d and b) also feeds fedex and fedA2.
-UPLOADS = {"fedit": "fedit", "fedex": "fedit", "fedA2": "fedit", "ffa": "ffa", "fedsa": "fedsa"}
+UPLOADS = {"fedit": "fedit", "feddpa": "fedit", "fedex": "fedit", "fedA2": "fedit", "lora-fair": "fedit", "ffa": "ffa", "fedsa": "fedsa"}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_key_sides():
 
 
 def test_vera_math_module_keeps_its_names():
-    assert vera.VERA_METHODS == VERA_METHODS and set(vera.UNDEFINED_FOR_VERA) == {"svd", "flora"}
+    assert vera.VERA_METHODS == VERA_METHODS and set(vera.UNDEFINED_FOR_VERA) == {"svd", "flora", "flexlora", "hetlora", "fedsvd"}
     assert check_family("svd", "lora").name == "svd"
 
 

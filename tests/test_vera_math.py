@@ -236,7 +236,7 @@ def test_every_method_is_defined_or_refused_for_vera():
     assert not set(vera.VERA_METHODS) & set(vera.UNDEFINED_FOR_VERA)
 
 
-@pytest.mark.parametrize("method", ["svd", "flora"])
+@pytest.mark.parametrize("method", ["svd", "flora", "flexlora", "hetlora", "fedsvd"])
 def test_undefined_methods_name_the_defined_ones(method):
     A, B, ds, bs = random_layer(0, 2, 3, 3, 2)
     with pytest.raises(ConfigError, match=rf'method="{method}" is not defined for VeRA .*; defined: fedit, ffa, fedsa, feddpa, fedex, fedA2'):

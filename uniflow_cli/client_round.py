@@ -104,6 +104,10 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
     from uniflow_cli.models.lora import load_adapter_tensors, unwrap
     from uniflow_cli.peft_keys import lora_modules
 
+    if spec.truncates_to_client_rank:  # FlexLoRA, HetLoRA: a client of rank r_k < r_max starts from the global's first r_k components
+        from uniflow_cli.aggregation.truncate import client_start
+
+        start = client_start(start, getattr(lora, "r", None))
     if spec.merges_into_base and start.meta is not None and start.meta.round:
         # FLoRA: every published global so far is merged into the base; training starts from a fresh LoRA
         # whose init is the same on every client (seeded by the round only).

@@ -279,12 +279,12 @@ def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], metho
     return config
 
 
-def _check_frozen_A(client: ClientUpdate, key: str, A: Tensor, reference: Tensor, ref_label: str) -> None:
+def _check_frozen_A(client: ClientUpdate, key: str, A: Tensor, reference: Tensor, ref_label: str, method: str = "ffa") -> None:
     if A.shape != reference.shape or not torch.equal(A.to(reference.dtype), reference):
         diff = float((A.to(torch.float64) - reference.to(torch.float64)).abs().max()) if A.shape == reference.shape else math.inf
         raise AggregationError(
-            f"ffa: {client.label} changed the frozen {key} (max |ΔA| = {diff:.3g} vs {ref_label})",
-            fix="FFA-LoRA clients must not train A; retrain with method ffa (A frozen)",
+            f"{method}: {client.label} changed the frozen {key} (max |ΔA| = {diff:.3g} vs {ref_label})",
+            fix=f"{method} clients must not train A; retrain with method {method} (A frozen)",
         )
 
 
@@ -310,7 +310,7 @@ def _layer_factors(clients: Sequence[ClientUpdate], layer: _Layer, method: Metho
         if method.frozen_A and A is not None:
             reference, ref_label = (start_A, start_label) if start_A is not None else (As[0] if As and As[0] is not None else None, clients[0].label)
             if reference is not None:
-                _check_frozen_A(client, a_key, A, reference, ref_label)
+                _check_frozen_A(client, a_key, A, reference, ref_label, method.name)
         if B is not None:
             # Fold the client's PEFT scaling into B relative to the output's, so that
             # s_out · B_eff · A reproduces the client's own s_k · B_k · A_k exactly.

@@ -122,6 +122,17 @@ def solve_right_spd(M: Tensor, G: Tensor, branch: str, lambda_: float, rcond: fl
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False), branch
 
 
+def target_times_At(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """U Āᵀ = Σ_k w_k B_k (A_k Āᵀ) (d_out × r): r×r products and d_out×r sums, never U, in the inputs' working
+    precision (float32, or float64 for float64 inputs). The right-hand side of FedA²'s and LoRA-FAIR's solves."""
+    dtype = work_dtype(A_bar, *As, *Bs)
+    A_bar_t = A_bar.to(dtype).T
+    M = torch.zeros((Bs[0].shape[0], A_bar.shape[0]), dtype=dtype)
+    for B, A, w in zip(Bs, As, weights.tolist()):
+        M.addmm_(B.to(dtype), A.to(dtype) @ A_bar_t, alpha=w)
+    return M
+
+
 def fedA2_B(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str, rcond: float) -> tuple[Tensor, RidgeSolve]:
     """FedA²-LoRA's analytical B (Eq. 11–13) without forming any d_out × d_in matrix.
 
@@ -129,11 +140,7 @@ def fedA2_B(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: 
     inputs' working precision (float32, or float64 for float64 inputs); the Gram ĀĀᵀ, the Eq. 13
     decision and the solve in float64.
     """
-    dtype = work_dtype(A_bar, *As, *Bs)
-    A_bar_t = A_bar.to(dtype).T
-    M = torch.zeros((Bs[0].shape[0], A_bar.shape[0]), dtype=dtype)
-    for B, A, w in zip(Bs, As, weights.tolist()):
-        M.addmm_(B.to(dtype), A.to(dtype) @ A_bar_t, alpha=w)
+    M = target_times_At(A_bar, As, Bs, weights)
     A_bar64 = A_bar.to(torch.float64)
     G = A_bar64 @ A_bar64.T
     decision = choose_ridge_branch(G, lambda_, ridge, rcond)
@@ -165,6 +172,73 @@ def truncated_svd_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: T
     if k < rank:  # fewer non-trivial directions than the rank: pad with zeros
         A, B = pad_rank(A, B, rank)
     return B, A
+
+
+def lora_fair_B(A_bar: Tensor, B_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str,
+                rcond: float) -> tuple[Tensor, RidgeSolve]:
+    """LoRA-FAIR's corrected B = B̄ + ΔB with ΔB = argmin ‖U − (B̄ + ΔB)Ā‖_F² + λ‖ΔB‖_F², without forming U.
+
+    The gradient in ΔB vanishes where ΔB (ĀĀᵀ + λI) = U Āᵀ − B̄ ĀĀᵀ: FedA²'s system (Eq. 13) with B̄ĀĀᵀ taken
+    off its right-hand side, i.e. regularised toward B̄ instead of toward 0 (λ → 0 gives FedA²'s least
+    squares). λ is LoRA-FAIR's own regulariser, so ``auto`` and ``always`` both apply it on every layer;
+    ``never`` drops it (plain least squares; where ĀĀᵀ is singular the minimum-norm ΔB, so B stays closest
+    to B̄). U Āᵀ from r×r products (:func:`target_times_At`); the Gram, the residual and the solve in float64.
+    """
+    if ridge not in ("auto", "always", "never"):
+        raise ValueError(f"unknown ridge mode {ridge!r}")
+    M = target_times_At(A_bar, As, Bs, weights)
+    A_bar64, B_bar64 = A_bar.to(torch.float64), B_bar.to(torch.float64)
+    G = A_bar64 @ A_bar64.T
+    residual = M.to(torch.float64) - B_bar64 @ G  # (U − B̄Ā)Āᵀ
+    decision = choose_ridge_branch(G, lambda_, "never" if ridge == "never" else "always", rcond)
+    delta, used = solve_right_spd(residual, G, decision.branch, lambda_, rcond)
+    return B_bar64 + delta, RidgeSolve(used, decision.cond)
+
+
+def lora_fair_B_dense(A_bar: Tensor, B_bar: Tensor, U: Tensor, lambda_: float = 0.0) -> Tensor:
+    """The textbook B̄ + (U − B̄Ā)Āᵀ(ĀĀᵀ + λI)⁻¹ on a dense U — a reference for tests, never used at scale."""
+    A64, B64, U64 = A_bar.to(torch.float64), B_bar.to(torch.float64), U.to(torch.float64)
+    G = A64 @ A64.T + lambda_ * torch.eye(A64.shape[0], dtype=torch.float64)
+    return B64 + (U64 - B64 @ A64) @ A64.T @ torch.linalg.inv(G)
+
+
+def update_norms(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> Tensor:
+    """‖B_k A_k‖_F of every client (float64) from r×r Grams: ‖BA‖_F² = tr((BᵀB)(AAᵀ)) = Σ (BᵀB ∘ AAᵀ)."""
+    norms = []
+    for A, B in zip(As, Bs):
+        A64, B64 = A.to(torch.float64), B.to(torch.float64)
+        norms.append(math.sqrt(max(float(((B64.T @ B64) * (A64 @ A64.T)).sum()), 0.0)))  # round-off can dip below 0
+    return torch.tensor(norms, dtype=torch.float64)
+
+
+def norm_weights(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """HetLoRA's sparsity weights for one layer: w_k ‖B_k A_k‖_F / Σ_j w_j ‖B_j A_j‖_F (B_k with its scaling
+    folded, so the norm is ‖s_k B_k A_k‖ up to the common s_out, which the normalisation removes).
+
+    A layer where every update is 0 (round 0: B = 0 everywhere) has no norms to weigh by: it keeps ``weights``.
+    """
+    raw = weights.to(torch.float64) * update_norms(As, Bs)
+    total = float(raw.sum())
+    return raw / total if total > 0 else weights.to(torch.float64).clone()
+
+
+def orthonormal_refactor(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """FedSVD's re-factorisation of B A (d_out × r times r × d_in) as (UΣ, Vᵀ), without forming B A. Float64.
+
+    Thin QRs B = Q_B R_B and Aᵀ = Q_A R_A give B A = Q_B (R_B R_Aᵀ) Q_Aᵀ; the SVD of the r×r core, X S Yᵀ,
+    gives B A = (Q_B X S)(Q_A Y)ᵀ. So A' = (Q_A Y)ᵀ has orthonormal rows — B A's right singular vectors,
+    ordered by σ, completed by orthonormal directions where B A has rank < r — and B' = Q_B X S = UΣ, with
+    B'A' = B A exactly. A layer narrower than r (d_in or d_out < r) has fewer directions: zero-padded.
+    """
+    r = A.shape[0]
+    QB, RB = torch.linalg.qr(B.to(torch.float64))
+    QA, RA = torch.linalg.qr(A.to(torch.float64).T)
+    X, S, Yh = torch.linalg.svd(RB @ RA.T, full_matrices=False)
+    k = min(r, S.shape[0])
+    B_new, A_new = (QB @ X[:, :k]) * S[:k], Yh[:k] @ QA.T
+    if k < r:
+        A_new, B_new = pad_rank(A_new, B_new, r)
+    return B_new, A_new
 
 
 def relative_error(B_out: Tensor | None, A_out: Tensor, Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> float:

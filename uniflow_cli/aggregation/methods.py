@@ -14,6 +14,10 @@ folded into B relative to the output's scaling, so that for every method the pub
 | fedA2 | Ā = Σ w_k A_k | U Āᵀ (ĀĀᵀ + λI)⁻¹ (Eq. 13) |
 | svd   | top-r factors of U | |
 | flora | stack [w_k A_k] | stack [B_k] (rank Σ r_k, to be merged into the base) |
+| lora-fair | Ā = Σ w_k A_k | B̄ + (U − B̄Ā)Āᵀ (ĀĀᵀ + λI)⁻¹ (FedA²'s solve regularised toward B̄) |
+| flexlora | top-r_max factors of U (as svd); each client starts from its top r_k | |
+| hetlora | Σ p_k A_k, p_k ∝ w_k ‖B_k A_k‖_F | Σ p_k B_k; each client starts from the first r_k components |
+| fedsvd | Vᵀ of B̄ A_start = UΣVᵀ (orthonormal rows) | UΣ, with B̄ = Σ w_k B_k (A frozen on the clients) |
 """
 
 from __future__ import annotations
@@ -82,6 +86,27 @@ def _svd(x: LayerInputs) -> LayerOutput:
     return LayerOutput(A.to(dtype), B.to(dtype))
 
 
+def _lora_fair(x: LayerInputs) -> LayerOutput:
+    A_bar, B_bar = linalg.weighted_average(x.As, x.weights), linalg.weighted_average(x.Bs, x.weights)
+    B, solve = linalg.lora_fair_B(A_bar, B_bar, x.As, x.Bs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond)
+    return LayerOutput(A_bar, B.to(A_bar.dtype), branch=solve.branch, cond=solve.cond)
+
+
+def _hetlora(x: LayerInputs) -> LayerOutput:
+    # Zero-padded factors (core) averaged with HetLoRA's per-layer sparsity weights instead of the plain ones.
+    weights = linalg.norm_weights(x.As, x.Bs, x.weights)
+    return LayerOutput(linalg.weighted_average(x.As, weights), linalg.weighted_average(x.Bs, weights))
+
+
+def _fedsvd(x: LayerInputs) -> LayerOutput:
+    # A is frozen at the start's on every client (core checked any uploaded A), so U = B̄ A exactly.
+    A = x.start_A if x.start_A is not None else x.As[0]
+    B_bar = linalg.weighted_average(x.Bs, x.weights)
+    dtype = linalg.work_dtype(A, B_bar)
+    B, A_new = linalg.orthonormal_refactor(B_bar, A)
+    return LayerOutput(A_new.to(dtype), B.to(dtype))
+
+
 def _flora(x: LayerInputs) -> LayerOutput:
     dtype = linalg.work_dtype(*x.As, *x.Bs)
     A = torch.cat([A.to(dtype) * w for A, w in zip(x.As, x.weights.tolist())], dim=0)
@@ -102,5 +127,7 @@ class Method:
 
 _FUSE: dict[str, Callable[[LayerInputs], LayerOutput]] = {
     "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2, "svd": _svd, "flora": _flora,
+    # FlexLoRA's server is the SVD optimum at the padded rank r_max; what differs is each client's start.
+    "lora-fair": _lora_fair, "flexlora": _svd, "hetlora": _hetlora, "fedsvd": _fedsvd,
 }
 METHODS: dict[str, Method] = {name: Method(spec, _FUSE[name]) for name, spec in SPECS.items()}

@@ -21,7 +21,9 @@ class MethodSpec:
     name: str
     summary: str
     uploads: tuple[str, ...] = ("A", "B")  # the LoRA factors a client sends (non-LoRA tensors always go)
-    frozen_A: bool = False  # A stays at the round-0 value on every client (FFA): never trained, never re-sent
+    # A stays at the A of the global the client started from: never trained, never re-sent (FFA: the round-0 A,
+    # which every FFA global repeats; FedSVD: the orthonormal A the server re-factorised last round).
+    frozen_A: bool = False
     stacks_ranks: bool = False  # the global's rank is Σ r_k (FLoRA): clients are not zero-padded to r_max
     merges_into_base: bool = False  # every published global is merged into W0 before the next round (FLoRA)
     residual: bool = False  # the global carries a dense residual that clients fold into W0 (FedEx)
@@ -29,6 +31,9 @@ class MethodSpec:
     # Each client trains a second, local adapter beside the global one, both active in its forward, and keeps
     # it between rounds (FedDPA): the global adapter is fused as FedIT's, the local one never leaves the client.
     local_adapter: bool = False
+    # Each client starts from its own rank-r_k truncation of the global (its first r_k components) and trains at
+    # rank r_k, its [lora] r (FlexLoRA, HetLoRA: aggregation/truncate.py); the server zero-pads to r_max.
+    truncates_to_client_rank: bool = False
     line_up: bool = True  # the replies line up with the global array by array (Flower's DP wrappers need it)
     # Why the method has no VeRA form (None: it has one, aggregation/vera.py). On VeRA, d plays A and b plays
     # B, so every fact above about A is about d, and about B is about b (docs/aggregation.md, "VeRA").
@@ -97,6 +102,16 @@ SPECS: dict[str, MethodSpec] = {
                    vera_undefined="its top-r factors of U are arbitrary matrices, not Λ_b B and Λ_d A over the shared projections"),
         MethodSpec("flora", "FLoRA: stack the factors (rank Σ r_k), merge into the base", stacks_ranks=True, merges_into_base=True, line_up=False,
                    vera_undefined="stacking gives rank Σ r_k factors with one b per client; a VeRA layer has one A, B of rank r and one b"),
+        MethodSpec("lora-fair", "LoRA-FAIR: average A and B, then correct B toward U: B̄ + (U − B̄Ā)Āᵀ(ĀĀᵀ + λI)⁻¹"),
+        MethodSpec("flexlora", "FlexLoRA: rank-r_max SVD optimum of U; each client starts from its own rank-r_k truncation",
+                   truncates_to_client_rank=True, line_up=False,
+                   vera_undefined="its SVD factors of U are arbitrary matrices, and a VeRA federation has one rank (one pair of projections)"),
+        MethodSpec("hetlora", "HetLoRA: zero-pad, average A and B with weights ∝ w_k‖s_k B_k A_k‖_F; each client truncates to its rank",
+                   truncates_to_client_rank=True, line_up=False,
+                   vera_undefined="heterogeneous ranks are its point, and a VeRA federation has one rank (one pair of projections)"),
+        MethodSpec("fedsvd", "FedSVD: A frozen at the global's, average B, re-factorise B̄A by SVD (orthonormal A, B = UΣ)",
+                   uploads=("B",), frozen_A=True, line_up=False,
+                   vera_undefined="its A is the right singular vectors of B̄A, an arbitrary orthonormal matrix, not Λ_d A over the shared projection"),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(SPECS)

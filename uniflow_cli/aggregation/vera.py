@@ -170,6 +170,30 @@ def fedA2_b(A: Tensor, B: Tensor, d_bar: Tensor, ds: Sequence[Tensor], bs: Seque
     return torch.where(zeroed, torch.zeros_like(b), b).to(dtype), solve
 
 
+def lora_fair_b(A: Tensor, B: Tensor, d_bar: Tensor, b_bar: Tensor, ds: Sequence[Tensor], bs: Sequence[Tensor], weights: Tensor, *,
+                lambda_: float, ridge: str, rcond: float) -> tuple[Tensor, VeraSolve]:
+    """LoRA-FAIR on VeRA: b = b̄ + Δb, Δb = argmin ‖Λ_{b̄+Δb} B Λ_d̄ A − U‖_F² + λ‖Δb‖², row by row in closed form.
+
+    Row i is FedA²'s one-unknown problem regularised toward b̄_i instead of 0: Δb_i = (⟨v_i, U_i⟩ − b̄_i g_i) /
+    (g_i + λ), so b_i = (⟨v_i, U_i⟩ + λ b̄_i) / (g_i + λ). λ applies on every row (``auto``/``always``: it is
+    LoRA-FAIR's regulariser); ``never`` drops it, and a row with a singular Gram (g_i ≤ rcond · max g) then
+    keeps b̄_i (the minimum-norm correction, 0). All float64; returned in the inputs' working dtype. With
+    every d equal to d̄, U is a VeRA update that b̄ already fits: b̄ is returned exactly.
+    """
+    dtype = linalg.work_dtype(A, B, d_bar, b_bar, *ds, *bs)
+    H = row_grams(A, B, d_bar)
+    g = (H @ d_bar.to(F64)).clamp_min(0.0)
+    den, zeroed, solve = row_denominators(g, lambda_, "never" if ridge == "never" else "always", rcond)
+    if all(torch.equal(d, d_bar) for d in ds):
+        return b_bar.to(dtype).clone(), solve
+    numerator = torch.zeros_like(g)
+    for d, b_k, w in zip(ds, bs, weights.tolist()):
+        numerator.add_(b_k.to(F64) * (H @ d.to(F64)), alpha=w)
+    b_bar64 = b_bar.to(F64)
+    delta = (numerator - b_bar64 * g) / den
+    return (b_bar64 + torch.where(zeroed, torch.zeros_like(delta), delta)).to(dtype), solve
+
+
 # ------------------------------------------------------------------------------------------ the methods
 @dataclass(frozen=True)
 class VeraLayerInputs:
@@ -233,8 +257,14 @@ def _fedA2(x: _Layer, options: AggregationOptions) -> VeraLayerOutput:
     return VeraLayerOutput(d_bar, b, branch=solve.branch, cond=solve.cond, singular_rows=solve.singular_rows)
 
 
+def _lora_fair(x: _Layer, options: AggregationOptions) -> VeraLayerOutput:
+    d_bar, b_bar = average(x.ds, x.weights), average(x.bs, x.weights)
+    b, solve = lora_fair_b(x.A, x.B, d_bar, b_bar, x.ds, x.bs, x.weights, lambda_=options.lambda_, ridge=options.ridge, rcond=options.rcond)
+    return VeraLayerOutput(d_bar, b, branch=solve.branch, cond=solve.cond, singular_rows=solve.singular_rows)
+
+
 _FUSE: dict[str, Callable[[_Layer, AggregationOptions], VeraLayerOutput]] = {
-    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2,
+    "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2, "lora-fair": _lora_fair,
 }
 # Which methods have a VeRA form, and why the others have none, is a fact of the method: the registry's.
 assert set(_FUSE) == set(VERA_METHODS), "every method the registry defines on VeRA needs its fuse here"

@@ -18,7 +18,7 @@ import click
 import typer
 
 from uniflow_cli import __version__
-from uniflow_cli.cli import aggregate, data, evaluate, flower, init, inspect, local_train, models, partition, report, simulate, status
+from uniflow_cli.cli import aggregate, ask, data, evaluate, export, flower, init, inspect, local_train, models, partition, report, simulate, status, sweep
 from uniflow_cli.cli.boundary import UniflowGroup
 from uniflow_cli.cli.examples import Example, epilog
 
@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[ModuleType, Any]] = {
     "aggregate": (aggregate, aggregate.aggregate),
     "simulate": (simulate, simulate.simulate),
     "evaluate": (evaluate, evaluate.evaluate),
+    "ask": (ask, ask.ask),
+    "export": (export, export.export),
     "report": (report, report.report),
+    "sweep": (sweep, sweep.app),
     "status": (status, status.status),
     "inspect": (inspect, inspect.inspect),
     "data": (data, data.app),

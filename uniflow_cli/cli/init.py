@@ -55,7 +55,8 @@ def init(
     lambda_: Annotated[float, typer.Option("--lambda", help="Tikhonov λ of Eq. 13 (\\[aggregate] lambda_).")] = 1.0,
     tau: Annotated[float, tau_option("Eq. 7's τ for local training (\\[train] tau).")] = 0.25,
     steps: Annotated[int, typer.Option("--steps", help="Local steps per round (\\[train] steps).")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate (\\[train] lr).")] = 2e-4,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate (\\[train] lr; default 2e-4 for qa, 1e-3 for classify).",
+                                                show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size (\\[train] batch_size).")] = 4,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
@@ -88,6 +89,9 @@ def init(
         lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed), llm_target_modules=[], encoder_target_modules=["query", "value"])
     else:
         lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed))
+    from uniflow_cli.models.task import DEFAULT_LR
+
+    lr = DEFAULT_LR["classify" if classify else "qa"] if lr is None else lr
     train = TrainSettings(tau=tau, steps=steps, batch_size=batch_size, lr=lr, seed=seed, **({"stages": "joint"} if classify else {}))
     aggregate = AggregateSettings(method=method, lambda_=lambda_)
     with err.status("building the model") as status:

@@ -3,17 +3,17 @@
 Short flags: ONE meaning per letter across every command (a new short flag is added to this table first;
 every option not listed has only its long form)::
 
-    -a  --adapter      evaluate
+    -a  --adapter      evaluate, ask, export
     -b  --batch-size   local-train, evaluate
-    -c  --client       local-train, evaluate             (partition's and simulate's --clients have none)
+    -c  --client       local-train, evaluate, ask, export (partition's and simulate's --clients have none)
     -d  --dataset      partition                         (the --data of evaluate/local-train has none)
     -h  --help         every command
     -m  --method       init, aggregate, simulate, local-train, flower new   (report's --metrics and
                                                           evaluate's --modalities have none)
     -n  --limit        evaluate, data show               (data show keeps --n as an alias)
-    -o  --out          partition, report, aggregate, local-train, evaluate
-    -p  --preset       init, evaluate, local-train, models prepare, flower new
-    -t  --round        aggregate, evaluate, local-train
+    -o  --out          partition, report, aggregate, local-train, evaluate, export
+    -p  --preset       init, evaluate, local-train, models prepare, flower new, ask, export
+    -t  --round        aggregate, evaluate, local-train, ask, export
     -w  --workspace    every command that reads or writes a workspace
 
 ``-d`` went to ``--dataset`` (not ``--data``) because the README, docs/benchmarks.md and the tests write

@@ -44,7 +44,7 @@ clientapp = "uniflow_cli.flower.client_app:app"
 [tool.flwr.app.config]
 workspace = {workspace}              # absolute path of the server's workspace (and the nodes', unless a node overrides it)
 preset = {preset}      # must match the workspace's [model] preset ("" = whatever it uses)
-method = {method}            # fedit | ffa | fedsa | fedex | fedA2 | svd | flora
+method = {method}            # {methods}
 num-server-rounds = {rounds}
 tau = {tau}                  # Eq. 7: share of local steps in stage I (encoders)
 lambda = {lambda_}                # Eq. 13's Tikhonov λ
@@ -55,7 +55,7 @@ lr = 0.0002
 seed = 0
 min-train-nodes = 2         # a round proceeds as long as this many clients reply usefully
 min-available-nodes = 2
-dp = false                  # Flower's server-side fixed-clipping DP (fedit, fedA2, svd)
+dp = false                  # Flower's server-side fixed-clipping DP ({dp_methods})
 dp-noise-multiplier = 0.1
 dp-clipping-norm = 10.0
 stages = "two-stage"        # two-stage (Eq. 7) | joint | reverse | llm-only | encoder-only
@@ -108,9 +108,12 @@ class ProjectSettings:
 
 def render(settings: ProjectSettings) -> dict[str, str]:
     """File name → text of the project (TOML strings are JSON-quoted: both accept the same escapes here)."""
+    from uniflow_cli.aggregation.registry import SPECS
+
     pyproject = TEMPLATE.format(
         name=settings.name, workspace=json.dumps(settings.workspace), preset=json.dumps(settings.preset), method=json.dumps(settings.method),
         rounds=settings.rounds, tau=repr(float(settings.tau)), lambda_=repr(float(settings.lambda_)), steps=settings.steps,
+        methods=" | ".join(SPECS), dp_methods=", ".join(name for name, spec in SPECS.items() if spec.line_up),
     )
     return {"pyproject.toml": pyproject, "flower-config.toml": CONNECTIONS.format(supernodes=settings.supernodes)}
 

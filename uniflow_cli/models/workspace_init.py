@@ -80,7 +80,9 @@ def init_workspace(
     from uniflow_cli.models.task import check_train_settings
 
     if train is None and model.is_classify:
-        train = TrainSettings(seed=seed, stages="joint")  # a classifier trains in one stage
+        from uniflow_cli.models.task import DEFAULT_LR
+
+        train = TrainSettings(seed=seed, stages="joint", lr=DEFAULT_LR["classify"])  # a classifier trains in one stage
     if train is not None:
         check_train_settings(model, train)
     check_family((aggregate or AggregateSettings()).method, lora.adapter)  # e.g. svd on VeRA: one line, nothing written
