@@ -342,10 +342,10 @@ def test_client_start_truncates_only_a_larger_lora_global():
 
 # ---------------------------------------------------------------------------------------------- the registry
 @pytest.mark.parametrize("name, uploads, frozen_A, truncates, line_up, on_vera", [
-    ("lora-fair", ("A", "B"), False, False, True, True),
+    ("lora-fair", ("A", "B"), False, True, True, True),
     ("flexlora", ("A", "B"), False, True, False, False),
     ("hetlora", ("A", "B"), False, True, False, False),
-    ("fedsvd", ("B",), True, False, False, False),
+    ("fedsvd", ("B",), True, True, False, False),
 ])
 def test_registry_facts(name, uploads, frozen_A, truncates, line_up, on_vera):
     spec = method_spec(name)
@@ -356,8 +356,8 @@ def test_registry_facts(name, uploads, frozen_A, truncates, line_up, on_vera):
             check_family(name, "vera")
 
 
-def test_the_old_methods_do_not_truncate():
-    assert [n for n, s in SPECS.items() if s.truncates_to_client_rank] == ["flexlora", "hetlora"]
+def test_every_padding_method_truncates_a_smaller_clients_start():
+    assert [n for n, s in SPECS.items() if not s.truncates_to_client_rank] == ["flora"]  # it stacks, never pads
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):

@@ -104,7 +104,7 @@ def starting_model(start: Any, settings: Any, lora: Any, spec: Any, *, round_: i
     from uniflow_cli.models.lora import load_adapter_tensors, unwrap
     from uniflow_cli.peft_keys import lora_modules
 
-    if spec.truncates_to_client_rank:  # FlexLoRA, HetLoRA: a client of rank r_k < r_max starts from the global's first r_k components
+    if spec.truncates_to_client_rank:  # a client of rank r_k < the global's starts from its first r_k components ([lora] client_ranks)
         from uniflow_cli.aggregation.truncate import client_start
 
         start = client_start(start, getattr(lora, "r", None))

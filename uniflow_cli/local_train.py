@@ -162,15 +162,16 @@ def model_settings_for(target: Target, start: Any, preset: str | None) -> tuple[
     """(ModelSettings, LoraSettings): the workspace's (``preset`` overriding its base), else in explicit mode
     what the global records (``extra.settings``, written by ``uniflow init`` and carried every round), else
     ``preset`` with default LoRA settings. A preset the global records too keeps its other settings
-    (modalities, pooling: the base's fingerprint depends on them)."""
+    (modalities, pooling: the base's fingerprint depends on them). The LoRA rank is the client's own where
+    ``[lora] client_ranks`` gives it one."""
     from uniflow_cli.global_info import recorded_settings
     from uniflow_cli.settings import LoraSettings, resolve, resolve_model
 
     if target.ws is not None:
-        return resolve_model(target.ws, {"preset": preset}), resolve(LoraSettings, target.ws)
+        return resolve_model(target.ws, {"preset": preset}), resolve(LoraSettings, target.ws).for_client(target.client)
     recorded = recorded_settings(start.meta, str(target.global_dir))
     if recorded is not None and preset in (None, recorded[0].preset):
-        return recorded
+        return recorded[0], recorded[1].for_client(target.client)
     if preset is None:
         raise worded(UsageError, "{path} records no usable model settings, and {preset} is not given",
                               fix="give {preset} (smol, tiny-random or custom: the base the global was made for)", path=target.global_dir)

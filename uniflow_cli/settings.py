@@ -46,6 +46,8 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
     "list[str]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "dict[str, int]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _INT(x) for k, x in v.items()),
+                       "a table of string keys to integers"),
 }
 _TOML_TYPES = {"str": "a string", "int": "an integer", "float": "a float", "bool": "a boolean", "list": "a list", "dict": "a table"}
 
@@ -121,6 +123,10 @@ class LoraSettings:
     adapter: str = "lora"
     d_initial: float = 0.1
     projection_prng_key: int = 0
+    # Heterogeneous ranks (the paper's Table 10): client id → its own rank r_k ≤ r; the others train at r, the
+    # global's rank. A client below r starts from the global's first r_k components (aggregation/truncate.py),
+    # the server zero-pads its drop back to r.
+    client_ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from uniflow_cli.peft_keys import ADAPTER_FAMILIES  # torch-free
@@ -143,6 +149,25 @@ class LoraSettings:
             raise ConfigError.invalid("d_initial", self.d_initial, "must be a finite non-zero number", example=0.1)
         if not 0 <= self.projection_prng_key < 2**63:  # torch.Generator.manual_seed's range
             raise ConfigError.invalid("projection_prng_key", self.projection_prng_key, "must be in [0, 2^63)", example=0)
+        self._check_client_ranks()
+
+    def _check_client_ranks(self) -> None:
+        from uniflow_cli.paths import ID_RULE, is_valid_id
+
+        for client, rank in self.client_ranks.items():
+            if not is_valid_id(client):
+                raise ConfigError.invalid("client_ranks", client, f"names a client id that is not a plain name ({ID_RULE})", example={"0": 4})
+            if not 1 <= rank <= self.r:
+                raise ConfigError.invalid("client_ranks", {client: rank}, f"must give each client a rank in [1, r = {self.r}] (r is the "
+                                          "global's rank, the largest)", example={client: max(1, self.r // 2)})
+        if self.client_ranks and self.is_vera:
+            raise ConfigError("client_ranks with adapter vera: a VeRA federation has one rank (one pair of projections)",
+                              fix="drop client_ranks from [lora], or use adapter lora")
+
+    def for_client(self, client: str | None) -> LoraSettings:
+        """The settings client ``client`` trains with: ``r`` its own rank from ``client_ranks`` (else r)."""
+        rank = self.client_ranks.get(str(client)) if client is not None else None
+        return self if rank is None or rank == self.r else dataclasses.replace(self, r=rank)
 
     @property
     def is_vera(self) -> bool:
@@ -154,6 +179,7 @@ def lora_table(settings: LoraSettings) -> dict[str, Any]:
     VeRA existed, byte for byte; a VeRA one has no lora_alpha that would look like it mattered)."""
     data = dataclasses.asdict(settings)
     drop = LoraSettings.ONLY_VERA + ("adapter",) if not settings.is_vera else LoraSettings.ONLY_LORA
+    drop += ("client_ranks",) if not settings.client_ranks else ()  # one rank: the table is what it was before ranks differed
     return {k: v for k, v in data.items() if k not in drop}
 
 

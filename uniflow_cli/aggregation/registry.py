@@ -31,9 +31,6 @@ class MethodSpec:
     # Each client trains a second, local adapter beside the global one, both active in its forward, and keeps
     # it between rounds (FedDPA): the global adapter is fused as FedIT's, the local one never leaves the client.
     local_adapter: bool = False
-    # Each client starts from its own rank-r_k truncation of the global (its first r_k components) and trains at
-    # rank r_k, its [lora] r (FlexLoRA, HetLoRA: aggregation/truncate.py); the server zero-pads to r_max.
-    truncates_to_client_rank: bool = False
     line_up: bool = True  # the replies line up with the global array by array (Flower's DP wrappers need it)
     # Why the method has no VeRA form (None: it has one, aggregation/vera.py). On VeRA, d plays A and b plays
     # B, so every fact above about A is about d, and about B is about b (docs/aggregation.md, "VeRA").
@@ -53,6 +50,14 @@ class MethodSpec:
     def pads(self) -> bool:
         """Heterogeneous ranks are zero-padded to the largest (every method but FLoRA's stacking)."""
         return not self.stacks_ranks
+
+    @property
+    def truncates_to_client_rank(self) -> bool:
+        """A client whose rank r_k is below the global's starts from the global's first r_k components and trains
+        at r_k (``[lora] client_ranks``; aggregation/truncate.py): every padding method. For FlexLoRA's SVD
+        factors that is the best rank-r_k approximation, for HetLoRA its definition, for the others the inverse
+        of zero-padding. FLoRA stacks: its clients start from a fresh LoRA of their own rank anyway."""
+        return self.pads
 
     @property
     def folds_history(self) -> bool:
@@ -104,10 +109,10 @@ SPECS: dict[str, MethodSpec] = {
                    vera_undefined="stacking gives rank Σ r_k factors with one b per client; a VeRA layer has one A, B of rank r and one b"),
         MethodSpec("lora-fair", "LoRA-FAIR: average A and B, then correct B toward U: B̄ + (U − B̄Ā)Āᵀ(ĀĀᵀ + λI)⁻¹"),
         MethodSpec("flexlora", "FlexLoRA: rank-r_max SVD optimum of U; each client starts from its own rank-r_k truncation",
-                   truncates_to_client_rank=True, line_up=False,
+                   line_up=False,
                    vera_undefined="its SVD factors of U are arbitrary matrices, and a VeRA federation has one rank (one pair of projections)"),
         MethodSpec("hetlora", "HetLoRA: zero-pad, average A and B with weights ∝ w_k‖s_k B_k A_k‖_F; each client truncates to its rank",
-                   truncates_to_client_rank=True, line_up=False,
+                   line_up=False,
                    vera_undefined="heterogeneous ranks are its point, and a VeRA federation has one rank (one pair of projections)"),
         MethodSpec("fedsvd", "FedSVD: A frozen at the global's, average B, re-factorise B̄A by SVD (orthonormal A, B = UΣ)",
                    uploads=("B",), frozen_A=True, line_up=False,

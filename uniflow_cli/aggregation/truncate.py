@@ -1,7 +1,8 @@
 """A client's start at its own rank: the global truncated to the client's first r_k components (FlexLoRA, HetLoRA).
 
-Methods with ``MethodSpec.truncates_to_client_rank`` let every client train at its own rank r_k (its
-``[lora] r``) while the server publishes rank r_max (heterogeneous drops are zero-padded, :mod:`.core`). A
+Every padding method (``MethodSpec.truncates_to_client_rank``) lets each client train at its own rank r_k
+(``[lora] client_ranks``, else ``r``) while the server publishes rank r_max (heterogeneous drops are
+zero-padded, :mod:`.core`). A
 client with r_k < r_max starts from the global's first r_k components: rows ``A[:r_k]`` and columns
 ``B[:, :r_k]``. For FlexLoRA's global (SVD factors, singular values in decreasing order) that is the best
 rank-r_k approximation of the global's ΔW (Eckart–Young); for HetLoRA's it is the paper's truncation.

@@ -44,6 +44,9 @@ def init(
     modalities: Annotated[Optional[str], typer.Option("--modalities", help="qa: encoders to build, comma-separated (default image,audio); "
                                                       "text needs none.", show_default=False)] = None,
     r: Annotated[int, typer.Option("--r", help="LoRA rank r.")] = 8,
+    client_ranks: Annotated[Optional[str], typer.Option("--client-ranks", help="Heterogeneous ranks: client=rank pairs, comma-separated "
+                                                        "(e.g. 0=4,1=4; each <= --r, the global's rank; \\[lora] client_ranks).",
+                                                        show_default=False)] = None,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA α (scaling α/r, or α/√r with --rslora).")] = 16.0,
     rslora: Annotated[bool, typer.Option("--rslora", help="Use rank-stabilised scaling α/√r (the same as --adapter rslora).")] = False,
     adapter: Annotated[str, typer.Option("--adapter", help="Adapter family: lora | rslora (LoRA with α/√r) | vera (PEFT's VeRA: frozen "
@@ -86,9 +89,10 @@ def init(
         encoder=str(encoder) if encoder else None,
     )
     if classify:  # LoRA on the encoder's query/value (the paper's RoBERTa runs), no LLM; one training stage
-        lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed), llm_target_modules=[], encoder_target_modules=["query", "value"])
+        lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed), llm_target_modules=[], encoder_target_modules=["query", "value"],
+                            client_ranks=_client_ranks(client_ranks))
     else:
-        lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed))
+        lora = LoraSettings(r=r, lora_alpha=lora_alpha, **adapter_family(adapter, rslora, seed), client_ranks=_client_ranks(client_ranks))
     from uniflow_cli.models.task import DEFAULT_LR
 
     lr = DEFAULT_LR["classify" if classify else "qa"] if lr is None else lr
@@ -100,6 +104,21 @@ def init(
         print_json(_as_json(result))
     else:
         _print(result)
+
+
+def _client_ranks(text: Optional[str]) -> dict[str, int]:
+    """``"0=4,1=4"`` → ``{"0": 4, "1": 4}``; the values are checked by LoraSettings (ids, 1 <= rank <= r)."""
+    from uniflow_cli.errors import UsageError
+
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        client, sep, rank = item.partition("=")
+        if not sep or not rank.strip().isdigit() or client.strip() in out:
+            raise UsageError(f"--client-ranks item {item.strip()!r} is not a new client=rank pair", fix="write e.g. --client-ranks 0=4,1=4")
+        out[client.strip()] = int(rank)
+    return out
 
 
 def _check_classify_options(labels: Optional[str], modalities: Optional[str]) -> None:

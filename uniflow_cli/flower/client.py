@@ -115,7 +115,7 @@ def run_client_round(content: RecordDict, run_config: Mapping[str, Any], node_co
     dataset = load_split(ws.client_data(client))
     state = ws.client_state(client)
     result = train_client_round(
-        cfg, start, dataset, model_settings, resolve(LoraSettings, ws), method=method, client_id=client, round_=t + 1,
+        cfg, start, dataset, model_settings, resolve(LoraSettings, ws).for_client(client), method=method, client_id=client, round_=t + 1,
         history=history, private=read_client_state(state, method), private_where=str(state), total_rounds=settings.num_server_rounds,
         started_from=f"flower global of round {t}", device=device, gradient_checkpointing=bool(settings.gradient_checkpointing),
     )
