@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runner import ok, run
+from tests.conftest import REPO
 from uniflow_cli.errors import ConfigError, UniflowError, UsageError, WorkspaceError
 
 TINY = """
@@ -141,6 +142,17 @@ def test_bad_overrides_are_named(tmp_path):
         load_grid(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "paper").glob("*.toml")), ids=lambda p: p.name)
+def test_the_published_grids_are_valid_and_sized(path):
+    from uniflow_cli.sweep import load_grid
+
+    text = path.read_text()
+    assert "# SIZE: " in text and " min on this" in text and "[full]" in text  # the estimate, and the full size elsewhere
+    small, full = load_grid(path), load_grid(path, full=True)
+    assert len(small.cells) == len(full.cells) > 0 and full.name == f"{small.name}-full"
+    assert {c.settings.run.seed for c in small.cells} >= {0, 1, 2}  # at least three seeds
+
+
 def test_cell_ids_are_deterministic_readable_and_short():
     from uniflow_cli.sweep import cell_id
 
@@ -201,6 +213,23 @@ def test_a_tiny_sweep_writes_one_row_per_cell_and_round(swept):
     assert rows[3]["rel_error"] == report["rel_error_mean"]  # the server's own per-round error
     ws = out / "runs" / "fedit_s0"
     assert (ws / "uniflow.toml").is_file() and (ws / "data" / "partition.json").is_file() and (ws / "eval" / "round-2.json").is_file()
+
+
+def test_a_personalising_method_reports_its_clients_models(swept, tmp_path):
+    """FedDPA's clients have their own models: the rows carry their mean (personal_*) and what a client uses
+    (client_*); FedIT's clients use the global, and have no personal value."""
+    from uniflow_cli.evaluation_io import read_eval_json
+    from uniflow_cli.sweep import eval_metrics, read_rows
+
+    path = grid_file(tmp_path, TINY.replace('method = ["fedit", "fedA2"]', 'method = ["feddpa"]').replace("rounds = 2", "rounds = 1"))
+    ok("sweep", "run", path, "--out", tmp_path / "out", "--rows", tmp_path / "rows.jsonl")
+    (row,) = read_rows(tmp_path / "rows.jsonl")
+    ws = tmp_path / "out" / "runs" / "feddpa_s0"
+    own = [eval_metrics(read_eval_json(ws / "eval" / "clients" / k / "round-1.json"), "classify") for k in ("0", "1")]
+    assert row["personal_clients"] == 2 and row["personal_accuracy"] == pytest.approx(sum(o["accuracy"] for o in own) / 2)
+    assert row["client_accuracy"] == row["personal_accuracy"] and row["client_macro_f1"] == row["personal_macro_f1"]
+    fedit = read_rows(swept[2])[1]
+    assert fedit["personal_accuracy"] is None and fedit["client_accuracy"] == fedit["accuracy"] and fedit["personal_clients"] == 0
 
 
 def test_a_rerun_skips_finished_cells_and_keeps_the_rows(swept):

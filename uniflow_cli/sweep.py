@@ -57,6 +57,7 @@ from typing import Any
 from uniflow_cli.errors import ConfigError, UniflowError, UsageError, WorkspaceError
 
 ROWS_FORMAT = 1
+ROWS_MAX_BYTES = 1 << 28  # a rows file of a full grid is megabytes; a config JSON's 16 MiB cap is not its size
 CELL_DIR = "sweep"  # inside each cell's workspace: cell.json (its config) and rows.jsonl (written when it finished)
 TOP_KEYS = ("sweep", "axes", "exclude", "full")
 PARTITION_KNOBS = ("dataset", "clients", "scheme", "alpha", "train_per_client", "test_per_modality", "label_column")
@@ -131,7 +132,7 @@ def read_grid_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = tomllib.loads(read_regular(path).decode("utf-8"))
+        data = tomllib.loads(read_regular(path, follow=True).decode("utf-8"))  # the user's own file: a link is fine
     except FileNotFoundError:
         raise UsageError(f"grid file {path} does not exist", fix="name a TOML grid file, e.g. examples/paper/lambda.toml") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -631,7 +632,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     from uniflow_cli.paths import read_regular
 
     rows = []
-    for n, line in enumerate(read_regular(Path(path)).decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(read_regular(Path(path), limit=ROWS_MAX_BYTES, follow=True).decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -867,6 +868,23 @@ def eval_metrics(payload: Mapping[str, Any] | None, task: str) -> dict[str, Any]
     return row
 
 
+def client_metrics(ws: Any, t: int, clients: Sequence[str], global_row: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """What the clients' own models score in round ``t``. FedSA and FedDPA have one model per client (simulate
+    writes ``eval/clients/<k>/round-t.json``): ``personal_<metric>`` is their mean over the clients evaluated
+    (None for a method without client state). ``client_<metric>`` is what a client uses: that mean where there is
+    one, else the global's (every client's model). Accuracy and macro-F1 (classify) or accuracy (qa)."""
+    from uniflow_cli.evaluation_io import read_eval_json
+
+    keys = ("accuracy", "macro_f1") if task == "classify" else ("accuracy",)
+    found = [eval_metrics(read_eval_json(path), task) for k in clients if (path := ws.client_eval_json(k, t)).is_file()]
+    row: dict[str, Any] = {"personal_clients": len(found)}
+    for key in keys:
+        values = [f[key] for f in found if f.get(key) is not None]
+        row[f"personal_{key}"] = round(sum(values) / len(values), 6) if values else None
+        row[f"client_{key}"] = row[f"personal_{key}"] if values else global_row.get(key)
+    return row
+
+
 def _round_train_seconds(ws: Any, t: int) -> float | None:
     """Σ over the round's drops of their recorded training seconds (on disk: survives a resumed run)."""
     clients = ws.clients_dir(t)
@@ -891,11 +909,14 @@ def cell_rows(cell: Cell, ws: Any, grid_name: str, *, seconds: float, device: st
     for t in range(1, s.run.rounds + 1):
         report = _read_json(ws.round_report(t)) if ws.round_report(t).is_file() else {}
         payload = read_eval_json(ws.eval_json(t)) if ws.eval_json(t).is_file() else None
+        metrics = eval_metrics(payload, s.model.task)
+        personal = client_metrics(ws, t, [str(c.get("client_id")) for c in report.get("clients") or [] if isinstance(c, dict)], metrics,
+                                  s.model.task) if payload is not None else {}
         rows.append({
             "grid": grid_name, "cell": cell.id, "dataset": "+".join(s.dataset), "adapter": s.adapter, "method": s.aggregate.method,
             "seed": s.run.seed, "round": t, "rounds": s.run.rounds, "task": s.model.task,
             "round_method": report.get("method"),  # who fused this round (warm start: fedit first)
-            **eval_metrics(payload, s.model.task),
+            **metrics, **personal,
             "rel_error": report.get("rel_error_mean"), "rel_error_max": report.get("rel_error_max"),
             "clients": len(report.get("clients") or []), "knobs": cell.knobs, "config": record, "device": device,
             "train_seconds": _round_train_seconds(ws, t), "cell_seconds": round(seconds, 3),

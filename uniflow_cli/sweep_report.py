@@ -25,14 +25,18 @@ from uniflow_cli.errors import DataError, UsageError
 OVERALL = "overall"
 ROW_AXES = ("adapter", "method")  # the paper's row labels, first; other axes follow them
 NOT_ROW_AXES = ("seed", "dataset")  # a table's repeats (seeds) and columns (datasets)
-TASK_METRICS = {"classify": ("accuracy", "macro_f1", "rel_error"),
-                "qa": ("accuracy", "em", "bleu", "rouge_l", "bert_p", "bert_r", "bert_f1", "rel_error")}
-DEFAULT_METRICS = {"classify": ("accuracy",), "qa": ("accuracy", "bert_f1")}
+TASK_METRICS = {"classify": ("accuracy", "macro_f1", "client_accuracy", "client_macro_f1", "personal_accuracy", "personal_macro_f1", "rel_error"),
+                "qa": ("accuracy", "em", "bleu", "rouge_l", "bert_p", "bert_r", "bert_f1", "client_accuracy", "personal_accuracy", "rel_error")}
+DEFAULT_METRICS = {"classify": ("accuracy", "client_accuracy"), "qa": ("accuracy", "bert_f1")}
 PLOT_METRICS = ("accuracy", "rel_error")
 TITLES = {"accuracy": "Accuracy (%)", "macro_f1": "Macro-F1 (%)", "rel_error": "‖s·BA − U‖/‖U‖ (mean over layers)",
+          "client_accuracy": "Accuracy of each client's model (%): FedSA/FedDPA personalised, mean over clients; others the global",
+          "client_macro_f1": "Macro-F1 of each client's model (%)", "personal_accuracy": "Personalised accuracy (%), mean over clients",
+          "personal_macro_f1": "Personalised macro-F1 (%), mean over clients",
           "em": "EM (%)", "bleu": "BLEU", "rouge_l": "ROUGE-L (%)", "bert_p": "P_BERT (%)", "bert_r": "R_BERT (%)", "bert_f1": "F_BERT (%)"}
 DEFAULT_BASELINE = "fedit"
 PNG_DPI = 100
+LINESTYLES = ("-", "--", ":", "-.")  # past the colour cycle's ten lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,14 +286,15 @@ def plot_over_rounds(rows: Sequence[Mapping[str, Any]], column: str, metric: str
         fig = Figure(figsize=(1.6 + 3.8 * len(adapters), 3.8), dpi=PNG_DPI)
         FigureCanvasAgg(fig)
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-        lines = [k for k in keys]
+        names = list(dict.fromkeys(_line_name(k) for k in keys))  # one colour per method (and other axes) in every panel
         for j, adapter in enumerate(adapters):
             ax = fig.add_subplot(1, len(adapters), j + 1)
-            for i, key in enumerate(lines):
+            for key in keys:
                 if dict(key)["adapter"] != adapter:
                     continue
-                _plot_line(ax, [r for r in rows if row_key(r) == key], column, metric, task,
-                           label=" ".join(_label(v) for k, v in key if k != "adapter"), color=colors[i % len(colors)])
+                i = names.index(_line_name(key))
+                _plot_line(ax, [r for r in rows if row_key(r) == key], column, metric, task, label=_line_name(key),
+                           color=colors[i % len(colors)], linestyle=LINESTYLES[(i // len(colors)) % len(LINESTYLES)])
             ax.set_title(f"{adapter} · {column}")
             ax.set_xlabel("round")
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -306,7 +311,12 @@ def plot_over_rounds(rows: Sequence[Mapping[str, Any]], column: str, metric: str
     return buf.getvalue()
 
 
-def _plot_line(ax: Any, rows: Sequence[Mapping[str, Any]], column: str, metric: str, task: str, *, label: str, color: str) -> None:
+def _line_name(key: tuple[tuple[str, Any], ...]) -> str:
+    return " ".join(_label(v) for k, v in key if k != "adapter")
+
+
+def _plot_line(ax: Any, rows: Sequence[Mapping[str, Any]], column: str, metric: str, task: str, *, label: str, color: str,
+               linestyle: str) -> None:
     by_round: dict[int, list[float]] = {}
     for r in rows:
         value = row_value(r, column, metric, task)
@@ -318,7 +328,7 @@ def _plot_line(ax: Any, rows: Sequence[Mapping[str, Any]], column: str, metric: 
     stats = [summarize(by_round[t]) for t in ts]
     means = [s.mean for s in stats]
     stds = [s.std or 0.0 for s in stats]
-    ax.plot(ts, means, color=color, marker="o", markersize=3, label=label)
+    ax.plot(ts, means, color=color, linestyle=linestyle, marker="o", markersize=3, label=label)
     ax.fill_between(ts, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=color, alpha=0.15, linewidth=0)
 
 

@@ -58,7 +58,7 @@ def init(
     lambda_: Annotated[float, typer.Option("--lambda", help="Tikhonov λ of Eq. 13 (\\[aggregate] lambda_).")] = 1.0,
     tau: Annotated[float, tau_option("Eq. 7's τ for local training (\\[train] tau).")] = 0.25,
     steps: Annotated[int, typer.Option("--steps", help="Local steps per round (\\[train] steps).")] = 20,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate (\\[train] lr; default 2e-4 for qa, 1e-3 for classify).",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate (\\[train] lr; default 2e-4 for qa, 3e-3 for classify).",
                                                 show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size (\\[train] batch_size).")] = 4,
     seed: SeedOpt = 0,
