@@ -178,6 +178,7 @@ class Plan:
     device: Any  # torch.device
     gradient_checkpointing: bool
     start: int  # the latest published round when the run began
+    fidelity: bool = False  # measure each round's function-space gap (uniflow_cli.fidelity) into rounds/t/fidelity.json
 
     def selected(self, t: int) -> list[str]:
         return select_clients(self.clients, self.fraction, self.seed, t)
@@ -233,7 +234,7 @@ def choose_clients(ws: Any, given: Sequence[str] | None) -> list[str]:
 
 def plan_simulation(workspace: Any, rounds: int, *, method: str | None = None, clients: Sequence[str] | None = None,
                     fraction: float | None = None, eval_every: int | None = None, eval_options: Any = None, device: Any = "auto",
-                    precision: str | None = None, gradient_checkpointing: bool = False) -> Plan:
+                    precision: str | None = None, gradient_checkpointing: bool = False, fidelity: bool = False) -> Plan:
     """Check everything a simulation needs (nothing is written): numbers, method, settings, device,
     clients, and what an interrupted earlier run left in the next round."""
     from uniflow_cli.compute import check_precision, resolve_device
@@ -248,7 +249,11 @@ def plan_simulation(workspace: Any, rounds: int, *, method: str | None = None, c
     device = resolve_device(device)
     check_precision(cfg.precision, device)
     plan = Plan(ws, rounds, method, aggregate, precision, cfg.seed, choose_clients(ws, clients), fraction, eval_every,
-                eval_options or EvalOptions(), device, gradient_checkpointing, ws.latest_global_round())
+                eval_options or EvalOptions(), device, gradient_checkpointing, ws.latest_global_round(), fidelity)
+    if fidelity:
+        from uniflow_cli.fidelity import check_fidelity_method
+
+        check_fidelity_method(method_spec(aggregate.method))
     for t in range(plan.start + 1, rounds + 1):
         check_round_is_free(plan, t)
     if plan.start < rounds:
@@ -404,6 +409,7 @@ class RoundRecord:
     train_seconds: float
     aggregate_seconds: float
     published: bool  # False: another server published the round meanwhile (its global stands)
+    fidelity: Path | None = None  # rounds/t/fidelity.json (with fidelity)
 
 
 @dataclass
@@ -494,7 +500,7 @@ def evaluate_clients(plan: Plan, t: int, clients: Sequence[str], *, emit: OnProg
 def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, clients: Sequence[str] | None = None,
                    fraction: float | None = None, eval_every: int | None = None, eval_options: Any = None, device: Any = "auto",
                    precision: str | None = None, gradient_checkpointing: bool = False, on_progress: OnProgress | None = None,
-                   pool: ModelPool | None = None) -> SimulationOutcome:
+                   pool: ModelPool | None = None, fidelity: bool = False) -> SimulationOutcome:
     """Publish rounds up to ``rounds`` (continuing after the latest published one), each as local-train
     per selected client then the server's aggregate, in this process with one loaded model; evaluate every
     ``eval_every`` rounds and the last (and any such round an interrupted run left unevaluated).
@@ -503,12 +509,14 @@ def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, cl
     deterministic sample of them (:func:`select_clients`, seeded by ``[train] seed``). ``method``, ``device``,
     ``precision`` and ``gradient_checkpointing`` mean what they mean to local-train and aggregate. A method
     whose clients keep state (FedSA, FedDPA) also evaluates each trained client's personalised model
-    (:func:`evaluate_clients`) whenever the global is evaluated.
+    (:func:`evaluate_clients`) whenever the global is evaluated. ``fidelity``: after each round, its
+    function-space gap against the exact global (:mod:`uniflow_cli.fidelity`) into ``rounds/t/fidelity.json``.
     Everything is checked before the first round trains; every output is published atomically."""
     started = time.perf_counter()
     emit = on_progress or (lambda _event: None)
     plan = plan_simulation(workspace, rounds, method=method, clients=clients, fraction=fraction, eval_every=eval_every,
-                           eval_options=eval_options, device=device, precision=precision, gradient_checkpointing=gradient_checkpointing)
+                           eval_options=eval_options, device=device, precision=precision, gradient_checkpointing=gradient_checkpointing,
+                           fidelity=fidelity)
     pool = pool or ModelPool()
     outcome = SimulationOutcome(plan.ws.root, plan.aggregate.method, rounds, plan.start)
     drop_private_copies(plan.ws, plan.start)  # left by a run killed after publishing
@@ -531,6 +539,11 @@ def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, cl
             result.result.summary()["rel_error_mean"] if result is not None else None,
             trained - began, time.perf_counter() - trained, published))
         emit(SimulationEvent("published", t, done=done, message=str(plan.ws.global_dir(t))))
+        if plan.fidelity and published:
+            from uniflow_cli.fidelity import measure_round, write_fidelity
+
+            emit(SimulationEvent("notice", t, message="measuring the function-space gap against the exact global"))
+            outcome.records[-1].fidelity = write_fidelity(plan.ws, measure_round(plan.ws, t, device=plan.device))
         if due_for_evaluation(t, eval_every, rounds):
             outcome.evaluations.append(evaluate_round(plan, t, emit=emit))
             if method_spec(plan.aggregate.method).keeps_client_state:

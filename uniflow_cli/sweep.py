@@ -63,7 +63,8 @@ TOP_KEYS = ("sweep", "axes", "exclude", "full")
 PARTITION_KNOBS = ("dataset", "clients", "scheme", "alpha", "train_per_client", "test_per_modality", "label_column")
 # seed: init, partition and training seed of the cell; warm_start: the share of rounds FedIT trains first
 # (the paper's warm-start variant); train_clients: ids or kinds (image | audio | text | mixed) that train.
-RUN_KNOBS = ("seed", "rounds", "eval_every", "eval_limit", "eval_batch_size", "max_new_tokens", "fraction", "train_clients", "warm_start")
+RUN_KNOBS = ("seed", "rounds", "eval_every", "eval_limit", "eval_batch_size", "max_new_tokens", "fraction", "train_clients", "warm_start",
+             "fidelity")
 _NOT_KNOBS = {"prompt", "use_rslora", "projection_prng_key"}  # a nested table; set by adapter (rslora) and seed (VeRA)
 CLIENT_KINDS = ("image", "audio", "text", "mixed")
 WARM_START_METHOD = "fedit"  # the paper's warm start: FedIT's rounds first, then the cell's method
@@ -324,6 +325,7 @@ class RunSettings:
     fraction: float | None = None
     train_clients: list[str] | None = None  # None: every client
     warm_start: float = 0.0
+    fidelity: bool = False  # each round's function-space gap (uniflow_cli.fidelity): the rows' loss_* and gap_* fields
 
     @property
     def warm_rounds(self) -> int:
@@ -351,7 +353,15 @@ class CellSettings:
                 "alpha": p.alpha if p.scheme != "iid" else None, "train_per_client": p.train_per_client,
                 "test_per_modality": p.test_per_modality, "label_column": p.label_column}
         return {"model": self.model.to_dict(), "lora": lora_table(self.lora), "train": train_table(self.train),
-                "aggregate": aggregate_table(self.aggregate), "partition": part, "run": dataclasses.asdict(self.run)}
+                "aggregate": aggregate_table(self.aggregate), "partition": part, "run": _run_record(self.run)}
+
+
+def _run_record(run: RunSettings) -> dict[str, Any]:
+    """The run knobs as recorded; ``fidelity`` only when on (cells recorded before the knob existed stay equal)."""
+    record = dataclasses.asdict(run)
+    if not record["fidelity"]:
+        del record["fidelity"]
+    return record
 
 
 def _split(given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -464,6 +474,8 @@ def _run_settings(knobs: dict[str, Any], where: str) -> RunSettings:
     warm = knobs.get("warm_start", 0.0)
     if isinstance(warm, bool) or not isinstance(warm, (int, float)) or not 0 <= warm < 1:
         raise bad("warm_start", "must be in [0, 1) (the share of rounds FedIT trains first)", 0.2)
+    if not isinstance(knobs.get("fidelity", False), bool):
+        raise bad("fidelity", "must be true or false", True)
     clients = knobs.get("train_clients")
     if clients is not None:
         clients = _train_clients(clients, bad)
@@ -838,8 +850,9 @@ def simulate_cell(ws: Any, s: CellSettings, *, device: str, on_progress: Callabl
     options = EvalOptions(max_new_tokens=run.max_new_tokens, batch_size=run.eval_batch_size, limit=run.eval_limit, quantize=s.train.quantize)
     common = {"clients": resolve_train_clients(ws, run.train_clients), "fraction": run.fraction, "device": device, "on_progress": on_progress}
     if run.warm_rounds and ws.latest_global_round() < run.warm_rounds:
-        run_simulation(ws.root, run.warm_rounds, method=WARM_START_METHOD, **common)
-    run_simulation(ws.root, run.rounds, method=s.aggregate.method, eval_every=run.eval_every or run.rounds, eval_options=options, **common)
+        run_simulation(ws.root, run.warm_rounds, method=WARM_START_METHOD, fidelity=run.fidelity, **common)
+    run_simulation(ws.root, run.rounds, method=s.aggregate.method, eval_every=run.eval_every or run.rounds, eval_options=options,
+                   fidelity=run.fidelity, **common)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -885,6 +898,16 @@ def client_metrics(ws: Any, t: int, clients: Sequence[str], global_row: Mapping[
     return row
 
 
+FIDELITY_FIELDS = ("loss_train", "loss_exact_train", "gap_train", "loss_test", "loss_exact_test", "gap_test")
+
+
+def _fidelity_fields(ws: Any, t: int) -> dict[str, Any]:
+    """Round ``t``'s function-space gap (``rounds/t/fidelity.json``, with the ``fidelity`` knob), else Nones."""
+    path = ws.round_dir(t) / "fidelity.json"
+    found = _read_json(path) if path.is_file() else {}
+    return {key: found.get(key) for key in FIDELITY_FIELDS}
+
+
 def _round_train_seconds(ws: Any, t: int) -> float | None:
     """Σ over the round's drops of their recorded training seconds (on disk: survives a resumed run)."""
     clients = ws.clients_dir(t)
@@ -918,6 +941,7 @@ def cell_rows(cell: Cell, ws: Any, grid_name: str, *, seconds: float, device: st
             "round_method": report.get("method"),  # who fused this round (warm start: fedit first)
             **metrics, **personal,
             "rel_error": report.get("rel_error_mean"), "rel_error_max": report.get("rel_error_max"),
+            **_fidelity_fields(ws, t),
             "clients": len(report.get("clients") or []), "knobs": cell.knobs, "config": record, "device": device,
             "train_seconds": _round_train_seconds(ws, t), "cell_seconds": round(seconds, 3),
         })

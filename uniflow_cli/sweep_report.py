@@ -25,14 +25,16 @@ from uniflow_cli.errors import DataError, UsageError
 OVERALL = "overall"
 ROW_AXES = ("adapter", "method")  # the paper's row labels, first; other axes follow them
 NOT_ROW_AXES = ("seed", "dataset")  # a table's repeats (seeds) and columns (datasets)
-TASK_METRICS = {"classify": ("accuracy", "macro_f1", "client_accuracy", "client_macro_f1", "personal_accuracy", "personal_macro_f1", "rel_error"),
-                "qa": ("accuracy", "em", "bleu", "rouge_l", "bert_p", "bert_r", "bert_f1", "client_accuracy", "personal_accuracy", "rel_error")}
+TASK_METRICS = {"classify": ("accuracy", "macro_f1", "client_accuracy", "client_macro_f1", "personal_accuracy", "personal_macro_f1", "rel_error",
+                             "gap_train", "gap_test"),
+                "qa": ("accuracy", "em", "bleu", "rouge_l", "bert_p", "bert_r", "bert_f1", "client_accuracy", "personal_accuracy", "rel_error", "gap_train", "gap_test")}
 DEFAULT_METRICS = {"classify": ("accuracy", "client_accuracy"), "qa": ("accuracy", "bert_f1")}
 PLOT_METRICS = ("accuracy", "rel_error")
 TITLES = {"accuracy": "Accuracy (%)", "macro_f1": "Macro-F1 (%)", "rel_error": "‖s·BA − U‖/‖U‖ (mean over layers)",
           "client_accuracy": "Accuracy of each client's model (%): FedSA/FedDPA personalised, mean over clients; others the global",
           "client_macro_f1": "Macro-F1 of each client's model (%)", "personal_accuracy": "Personalised accuracy (%), mean over clients",
           "personal_macro_f1": "Personalised macro-F1 (%), mean over clients",
+          "gap_train": "Loss gap to the exact global (W0 + U), clients' shards", "gap_test": "Loss gap to the exact global (W0 + U), test split",
           "em": "EM (%)", "bleu": "BLEU", "rouge_l": "ROUGE-L (%)", "bert_p": "P_BERT (%)", "bert_r": "R_BERT (%)", "bert_f1": "F_BERT (%)"}
 DEFAULT_BASELINE = "fedit"
 PNG_DPI = 100

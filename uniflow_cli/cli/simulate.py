@@ -48,6 +48,9 @@ def simulate(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="With --eval-every: the first N test samples per modality "
                                                       "(evaluate's --limit; default: all).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --eval-every: greedy generation length.")] = 16,
+    fidelity: Annotated[bool, typer.Option("--fidelity", help="After each round, its function-space gap: the loss of the global "
+                                           "against the exact one (W0 + U) on the clients' shards and the test split "
+                                           "(rounds/T/fidelity.json).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     gradient_checkpointing: GradientCheckpointingOpt = False,
@@ -67,7 +70,7 @@ def simulate(
     with _progress(err) as on_progress:
         outcome = run_simulation(workspace, rounds, method=method, clients=chosen, fraction=fraction, eval_every=eval_every,
                                  eval_options=options, device=device, precision=precision, gradient_checkpointing=gradient_checkpointing,
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, fidelity=fidelity)
     if as_json:  # notices went to stderr as they came (the progress bar's console)
         print_json(simulate_json(outcome))
         return
@@ -80,10 +83,16 @@ def simulate_json(outcome: Any) -> dict[str, Any]:
         "workspace": outcome.workspace, "method": outcome.method, "rounds": outcome.rounds, "resumed_from": outcome.resumed_from,
         "published": [{"round": r.round, "clients": r.clients, "retrained": r.retrained, "global": r.global_dir, "report": r.report,
                        "rel_error_mean": r.rel_error_mean, "train_seconds": r.train_seconds, "aggregate_seconds": r.aggregate_seconds,
-                       "published_here": r.published} for r in outcome.records],
+                       "published_here": r.published, "fidelity": _fidelity(r)} for r in outcome.records],
         "evaluations": outcome.evaluations, "model_builds": outcome.model_builds, "build_seconds": outcome.build_seconds,
         "seconds": outcome.seconds, "notices": outcome.notices,
     }
+
+
+def _fidelity(record: Any) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(record.fidelity.read_text()) if record.fidelity is not None else None
 
 
 def _print(outcome: Any) -> None:
@@ -97,11 +106,14 @@ def _print(outcome: Any) -> None:
                      + (f"; wrote {len(outcome.evaluations)} evaluation(s)" if outcome.evaluations else ""), soft_wrap=True)
         return
     table = Table(title=f"{outcome.method}: rounds {outcome.records[0].round}..{outcome.records[-1].round}", title_justify="left")
-    for column in ("round", "clients", "mean ‖s·BA−U‖/‖U‖", "train s", "aggregate s"):
+    gaps = any(r.fidelity is not None for r in outcome.records)
+    for column in ("round", "clients", "mean ‖s·BA−U‖/‖U‖", *(("loss gap train", "loss gap test") if gaps else ()), "train s", "aggregate s"):
         table.add_column(column, justify="right" if column != "clients" else "left")
     for r in outcome.records:
         who = ", ".join(r.clients) + (f" (retrained {', '.join(r.retrained)})" if r.retrained else "")
-        table.add_row(str(r.round), who, fmt(r.rel_error_mean), f"{r.train_seconds:.1f}", f"{r.aggregate_seconds:.1f}")
+        gap = _fidelity(r) or {}
+        table.add_row(str(r.round), who, fmt(r.rel_error_mean), *((fmt(gap.get("gap_train")), fmt(gap.get("gap_test"))) if gaps else ()),
+                      f"{r.train_seconds:.1f}", f"{r.aggregate_seconds:.1f}")
     stdout.print(table)
     resumed = f", resumed after round {outcome.resumed_from}" if outcome.resumed_from else ""
     stdout.print(f"[green]published[/green] rounds {outcome.records[0].round}..{outcome.records[-1].round} in {outcome.workspace / 'rounds'} "
