@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import ConfigError, UniflowError, UsageError, WorkspaceError
+from uniflow_cli.json_text import strict
 
 ROWS_FORMAT = 1
 ROWS_MAX_BYTES = 1 << 28  # a rows file of a full grid is megabytes; a config JSON's 16 MiB cap is not its size
@@ -948,20 +949,9 @@ def cell_rows(cell: Cell, ws: Any, grid_name: str, *, seconds: float, device: st
     return rows
 
 
-def _strict(value: Any) -> Any:
-    """NaN/inf become null (Python would write NaN, which JSON readers refuse)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def rows_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
     """One JSON object per line, keys in the order rows are built (deterministic)."""
-    return "".join(json.dumps(_strict(dict(r)), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    return "".join(json.dumps(strict(dict(r)), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 def publish_rows(plan: SweepPlan) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+
+from uniflow_cli.json_text import strict
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -16,21 +19,21 @@ def notice(message: str) -> None:
     err.print(f"[yellow]notice:[/yellow] {message}", soft_wrap=True)
 
 
-def _strict(value: Any) -> Any:
-    """NaN/inf become null: Python would write ``NaN``, which jq and JSON.parse reject."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def print_json(payload: dict[str, Any]) -> None:
     """A command's ``--json`` result: one JSON object and nothing else on stdout (paths as strings)."""
     import json
 
     import click
 
-    click.echo(json.dumps(_strict(payload), indent=2, ensure_ascii=False, default=str))
+    click.echo(json.dumps(strict(payload), indent=2, ensure_ascii=False, default=str))
+
+
+@contextmanager
+def two_bars(console: Console, command: str, overall: str) -> Iterator[tuple[Any, Any, Any]]:
+    """A transient rich progress: one bar over the whole run (``overall``) and one for the step, layer or batch
+    at hand; yields (the Progress, the overall task, the detail task). ``command`` leads every line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"[bold]{command}[/bold] {{task.description}}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+        yield progress, progress.add_task(overall, total=None, info=""), progress.add_task("", total=None, info="")

@@ -124,19 +124,9 @@ def _print(outcome: Any) -> None:
 @contextmanager
 def _progress(console: Any) -> Any:
     """A bar over rounds × clients and one for the step, layer or batch at hand; yields the event callback."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from uniflow_cli.cli.console import two_bars
 
-    with Progress(TextColumn("[bold]simulate[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-        overall = progress.add_task("rounds × clients", total=None, info="")
-        detail = progress.add_task("", total=None, info="")
+    with two_bars(console, "simulate", "rounds × clients") as (progress, overall, detail):
 
         def on_progress(event: Any) -> None:
             if event.kind == "plan":

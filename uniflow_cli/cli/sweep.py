@@ -106,19 +106,9 @@ def _print_plan(plan: Any) -> None:
 @contextmanager
 def _progress(console: Any, cells: int) -> Any:
     """A bar over the grid's cells and one for the round, client and step at hand; yields the event callback."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from uniflow_cli.cli.console import two_bars
 
-    with Progress(TextColumn("[bold]sweep[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-        overall = progress.add_task("cells", total=None, info="")
-        detail = progress.add_task("", total=None, info="")
+    with two_bars(console, "sweep", "cells") as (progress, overall, detail):
 
         def on_event(event: Any) -> None:
             if event.kind == "start":
