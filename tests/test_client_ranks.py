@@ -75,3 +75,18 @@ def test_a_smaller_client_trains_at_its_rank_and_the_global_keeps_r(tmp_path, mo
     r1 = read_adapter(ws / "rounds" / "1" / "global")
     s_g, s_k = 16.0 / 4, 16.0 / 2
     torch.testing.assert_close(s_k * start.tensors[B_KEY] @ start.tensors[A_KEY], s_g * r1.tensors[B_KEY][:, :2] @ r1.tensors[A_KEY][:2])
+
+
+def test_explicit_mode_takes_its_rank_from_the_flag(tmp_path, monkeypatch):
+    """Without a workspace (shared storage, one client), --rank R trains at R from the global's first R components."""
+    monkeypatch.setenv("UNIFLOW_THREADS", "1")
+    ws = tmp_path / "ws"
+    ok("init", ws, "--preset", "tiny-random", "--modalities", "image", "--r", 4, "--method", "fedit")
+    write_shard(tmp_path / "shard", "image")
+    common = ("local-train", "--global", ws / "rounds" / "0" / "global", "--data", tmp_path / "shard", "--steps", 1, "--batch-size", 2)
+    ok(*common, "--out", tmp_path / "drop", "--rank", 2)
+    drop = read_adapter(tmp_path / "drop")
+    assert drop.peft_config["r"] == 2 and drop.tensors[A_KEY].shape[0] == 2
+    for bad, message in ((9, "--rank 9 must be a whole number in [1, 4] (the global's rank)"), (0, "--rank 0 must be a whole number in [1, 4]")):
+        result = run(*common, "--out", tmp_path / f"bad-{bad}", "--rank", bad)
+        assert result.exit_code != 0 and message in " ".join(result.output.split()) and not (tmp_path / f"bad-{bad}").exists()

@@ -178,6 +178,20 @@ def model_settings_for(target: Target, start: Any, preset: str | None) -> tuple[
     return resolve_model(None, {"preset": preset}), resolve(LoraSettings, None)
 
 
+def _own_rank(lora: Any, rank: Any, start: Any) -> Any:
+    """``lora`` at the client's own ``rank``: a whole number in [1, the global's r] (a LoRA global)."""
+    import dataclasses
+
+    from uniflow_cli.peft_keys import adapter_family
+
+    if adapter_family(start.peft_config) != "lora":
+        raise ConfigError.invalid("rank", rank, "applies to LoRA globals only (a VeRA federation has one rank)", fix="train at the federation's rank (drop it)")
+    top = int(start.peft_config.get("r", lora.r))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        raise ConfigError.invalid("rank", rank, f"must be a whole number in [1, {top}] (the global's rank)", example=max(1, top // 2))
+    return dataclasses.replace(lora, r=rank)
+
+
 def _history(target: Target, spec: Any, start: Any) -> list[tuple[int, Any]]:
     """Earlier globals to fold (FedEx residuals, FLoRA merges): the workspace's rounds 1..t, else the given one."""
     from uniflow_cli.adapters import read_adapter
@@ -190,7 +204,7 @@ def _history(target: Target, spec: Any, start: Any) -> list[tuple[int, Any]]:
     return [(r, read_adapter(ws.global_dir(r))) for r in range(1, target.t + 1) if ws.global_dir(r).is_dir()]
 
 
-def build_inputs(target: Target, cfg: TrainSettings, *, method: str | None, preset: str | None) -> Inputs:
+def build_inputs(target: Target, cfg: TrainSettings, *, method: str | None, preset: str | None, rank: int | None = None) -> Inputs:
     """Read the shard and the global; decide the method, the model, the history and FedSA's B."""
     from uniflow_cli.adapters import read_adapter
     from uniflow_cli.aggregation.registry import DEFAULT_METHOD, method_spec
@@ -216,6 +230,8 @@ def build_inputs(target: Target, cfg: TrainSettings, *, method: str | None, pres
         raise worded(UsageError, "method {method} keeps each client's {kept} between rounds, but {state_dir} is not given",
                               fix="give {state_dir} DIR (this client's private directory)", method=spec.name, kept=kept)
     model, lora = model_settings_for(target, start, preset)
+    if rank is not None:
+        lora = _own_rank(lora, rank, start)
     client_id = target.client if target.client is not None else (start.meta.client_id if start.meta else None)
     return Inputs(cfg, dataset, start, spec, model, lora, client_id, _history(target, spec, start), read_client_state(target.state_dir, spec))
 
@@ -259,6 +275,7 @@ def run_local_train(
     total_rounds: int | None = None,
     preset: str | None = None,
     state_dir: Path | None = None,
+    rank: int | None = None,
     force: bool = False,
     wait: bool = False,
     timeout: float = 600.0,
@@ -275,7 +292,8 @@ def run_local_train(
     given) over the target workspace's ``[train]`` (explicit mode without ``workspace``: the built-in
     defaults). ``device`` (``auto | cpu | cuda[:N] | mps``) and ``gradient_checkpointing`` belong to this
     machine, not to the experiment's settings. ``build`` makes the starting model (default
-    ``models.load_model``; ``uniflow simulate`` passes its pool of one loaded model). Nothing is published on error."""
+    ``models.load_model``; ``uniflow simulate`` passes its pool of one loaded model). ``rank``: train at this LoRA
+    rank (≤ the global's; heterogeneous ranks without a workspace's ``[lora] client_ranks``). Nothing is published on error."""
     from uniflow_cli.atomic import check_writable_target
     from uniflow_cli.adapters import is_adapter_of_role
     from uniflow_cli.compute import check_precision, resolve_device
@@ -292,7 +310,7 @@ def run_local_train(
     await_global(target, wait=wait, timeout=timeout, poll=poll, on_wait=on_wait)
     check_apart(target, method)
     check_writable_target(target.out, force=force, replaces=lambda p: is_adapter_of_role(p, "client"), kind="uniflow client adapter")
-    inputs = build_inputs(target, cfg, method=method, preset=preset)
+    inputs = build_inputs(target, cfg, method=method, preset=preset, rank=rank)
     result = train_client_round(
         inputs.cfg, inputs.start, inputs.dataset, inputs.model, inputs.lora, method=inputs.spec, client_id=inputs.client_id,
         round_=target.round, history=inputs.history, private=inputs.private, private_where=str(target.state_dir or "client state"),

@@ -56,6 +56,9 @@ def local_train(
     data_dir: Annotated[Optional[Path], typer.Option(*DATA_FLAGS, help="Explicit mode: the client's shard.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(*OUT_FLAGS, help="Explicit mode: where to publish the client adapter.", show_default=False)] = None,
     preset: Annotated[Optional[str], preset_option("Explicit mode: default is the one the global records.", show_default=False)] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Train at this LoRA rank (<= the global's; heterogeneous ranks: "
+                                                "the client starts from the global's first components). Default: the workspace's "
+                                                "\\[lora] client_ranks, else the global's r.", show_default=False)] = None,
     state_dir: Annotated[Optional[Path], typer.Option("--state", help="Client-private state dir (FedSA's B; needed for fedsa in explicit mode). Default in a workspace: state/clients/<id>.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the global of the round after this client's last drop (shared storage).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 600.0,
@@ -83,7 +86,7 @@ def local_train(
         task = progress.add_task(f"client {client or ''}", total=None, loss="-")
         outcome = run_local_train(
             overrides=overrides, client=client, workspace=workspace, global_dir=global_dir, data_dir=data_dir, out=out, method=method,
-            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state_dir, force=force, device=device,
+            round_=round_, total_rounds=total_rounds, preset=preset, state_dir=state_dir, rank=rank, force=force, device=device,
             gradient_checkpointing=gradient_checkpointing, wait=wait, timeout=timeout, on_wait=lambda message: progress.update(task, description=message),
             on_step=lambda done, total, loss, stage: progress.update(task, completed=done, total=total, loss=f"{loss:.4f} ({stage})"),
         )
