@@ -24,7 +24,7 @@ from typing import Any
 
 from uniflow_cli.errors import UsageError
 
-#: Rows per set (training shards, test split) scored by default: the first N, deterministic.
+#: Rows per set (training shards, test splits) scored by default: an equal share of each, in order (deterministic).
 DEFAULT_LIMIT = 200
 BATCH = 8
 
@@ -115,18 +115,16 @@ def _model(ws: Any, t: int, final: Any, spec: Any, model_cfg: Any, lora: Any, *,
 
 
 def _rows(datasets: list[Any], limit: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for ds in datasets:
-        for i in range(len(ds)):
-            if len(out) >= limit:
-                return out
-            out.append(ds[i])
-    return out
+    """Up to ``limit`` rows, an equal share from each dataset (⌈limit / K⌉, in order): every client's shard (every
+    modality's test split) counts, not just the first's."""
+    share = -(-limit // max(1, len(datasets)))
+    out = [ds[i] for ds in datasets for i in range(min(share, len(ds)))]
+    return out[:limit]
 
 
 def measure_round(ws: Any, t: int, *, device: Any = "cpu", limit: int = DEFAULT_LIMIT) -> Fidelity:
-    """Round ``t``'s function-space gap (module docstring) on the first ``limit`` training rows of its clients and
-    the first ``limit`` test rows."""
+    """Round ``t``'s function-space gap (module docstring) on ``limit`` training rows, an equal share from each of
+    its clients' shards, and ``limit`` test rows, an equal share from each modality's split."""
     from uniflow_cli.adapters import read_adapter
     from uniflow_cli.aggregation.registry import method_spec
     from uniflow_cli.compute import resolve_device
