@@ -329,11 +329,12 @@ def test_the_table_is_mean_std_n_over_seeds_at_the_final_round():
         "| lora | fedit | 82.00 ± 2.00 (3) | 75.00 ± 5.00 (3) |",
         "| lora | fedA2 | 86.00 ± 1.00 (3) | 76.00 ± 2.00 (3) |", "",
         "mean ± sample std over seeds (n seeds) of each cell's final-round value.", "",
-        ("Difference from fedit (same row otherwise): Δ mean ± its standard error (Welch, unpaired); **beyond 2 SE** is the only case to "
-         "call a difference."), "",
+        ("Difference from fedit (same row otherwise): Δ mean ± its standard error, paired by seed (the seeds' partitions and round-0 "
+         "adapters are shared; Welch's where the seeds differ); **beyond 2 SE** is the only case to call a difference."), "",
         "| Adapter | Method | a | b |",
         "| --- | --- | ---: | ---: |",
-        "| lora | fedA2 | +4.00 ± 1.29 · **beyond 2 SE** | +1.00 ± 3.11 · within 2 SE |",
+        # paired by seed: a: d = 5, 4, 3 → 4 ± 1/√3; b: d = 4, 1, −2 → 1 ± 3/√3 (Welch's would be ± 1.29 and ± 3.11)
+        "| lora | fedA2 | +4.00 ± 0.577 · **beyond 2 SE** | +1.00 ± 1.73 · within 2 SE |",
     ]) + "\n"
     errors = build_table(hand_rows(), "rel_error")
     assert [s.mean for _, s in [(l, v[0]) for l, v in errors.rows]] == pytest.approx([0.02, 0.02])

@@ -219,9 +219,17 @@ def comparisons(table: Table, baseline: str) -> list[tuple[tuple[Any, ...], list
         base = labels[:m] + (baseline,) + labels[m + 1:]
         if (base, table.columns[0]) not in table.seeds:
             continue
-        out.append((labels, [compare(list(table.seeds[(labels, c)].values()), list(table.seeds[(base, c)].values()))
-                             for c in table.columns]))
+        out.append((labels, [_paired_if_matched(table.seeds[(labels, c)], table.seeds[(base, c)]) for c in table.columns]))
     return out
+
+
+def _paired_if_matched(a: Mapping[Any, float], b: Mapping[Any, float]) -> Comparison:
+    """Paired by seed when both rows hold the same seeds (a sweep gives every method of a seed the same partition
+    and round-0 adapter, so the per-seed difference removes the seed's own effect); Welch's otherwise."""
+    if a and set(a) == set(b):
+        seeds = sorted(a, key=str)
+        return compare([a[s] for s in seeds], [b[s] for s in seeds], paired=True)
+    return compare(list(a.values()), list(b.values()))
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -242,7 +250,8 @@ def render_table(table: Table, baseline: str | None) -> str:
     lines += ["", "mean ± sample std over seeds (n seeds) of each cell's final-round value."]
     found = comparisons(table, baseline) if baseline and "method" in table.axes else []
     if found:
-        lines += ["", (f"Difference from {baseline} (same row otherwise): Δ mean ± its standard error (Welch, unpaired); "
+        lines += ["", (f"Difference from {baseline} (same row otherwise): Δ mean ± its standard error, paired by seed (the "
+                       "seeds' partitions and round-0 adapters are shared; Welch's where the seeds differ); "
                        "**beyond 2 SE** is the only case to call a difference."), "",
                   _md_row([*head, *table.columns]), _md_row(["---"] * len(head) + ["---:"] * len(table.columns))]
         lines += [_md_row([*map(_label, labels), *map(fmt_comparison, found_row)]) for labels, found_row in found]
