@@ -4,6 +4,7 @@ starts from the global's first r_k components, trains at r_k, and the server zer
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,3 +91,28 @@ def test_explicit_mode_takes_its_rank_from_the_flag(tmp_path, monkeypatch):
     for bad, message in ((9, "--rank 9 must be a whole number in [1, 4] (the global's rank)"), (0, "--rank 0 must be a whole number in [1, 4]")):
         result = run(*common, "--out", tmp_path / f"bad-{bad}", "--rank", bad)
         assert result.exit_code != 0 and message in " ".join(result.output.split()) and not (tmp_path / f"bad-{bad}").exists()
+
+
+def test_simulate_keeps_one_model_per_rank_and_writes_the_file_drop_tensors(tmp_path, monkeypatch):
+    """Clients of ranks 2, 4, 2 in one round: two model builds (a PoolSet), the same global tensors as the commands."""
+    monkeypatch.setenv("UNIFLOW_THREADS", "1")
+    from uniflow_cli.simulate import run_simulation
+
+    template = tmp_path / "template"
+    ok("init", template, "--preset", "tiny-random", "--modalities", "image", "--r", 4, "--client-ranks", "0=2,2=2", "--method", "fedA2",
+       "--steps", 2, "--batch-size", 2)
+    for client in ("0", "1", "2"):
+        write_shard(template / "data" / "clients" / client, "image", offset=4 * int(client))
+    (template / "data" / "partition.json").write_text(json.dumps({"clients": [{"id": k, "modalities": ["image"]} for k in (0, 1, 2)]}))
+    dropped, simulated = tmp_path / "dropped", tmp_path / "simulated"
+    for ws in (dropped, simulated):
+        shutil.copytree(template, ws)
+    for t in (1, 2):
+        for client in ("0", "1", "2"):
+            ok("local-train", "--client", client, "-w", dropped)
+        ok("aggregate", "--round", t, "-w", dropped, "--min-clients", 3)
+    outcome = run_simulation(simulated, 2)
+    assert outcome.model_builds == 2  # one rank-2 and one rank-4 model, each reset per client
+    for t in (1, 2):
+        assert (simulated / "rounds" / str(t) / "global" / "adapter_model.safetensors").read_bytes() == \
+            (dropped / "rounds" / str(t) / "global" / "adapter_model.safetensors").read_bytes()

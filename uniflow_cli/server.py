@@ -62,7 +62,8 @@ class WaitOptions:
 
 def core_options(settings: AggregateSettings) -> AggregationOptions:
     """The pure core's options from the resolved ``[aggregate]`` settings."""
-    return AggregationOptions(method=settings.method, lambda_=settings.lambda_, ridge=settings.ridge, rcond=settings.rcond)
+    return AggregationOptions(method=settings.method, lambda_=settings.lambda_, ridge=settings.ridge, rcond=settings.rcond,
+                              clip_update_norm=settings.clip_update_norm, robust=settings.robust)
 
 
 @dataclass
@@ -173,6 +174,7 @@ def run_aggregate(
         for r, w in zip(readers, result.weights)
     ]
     options_row = {"lambda": options.lambda_, "ridge": options.ridge, "rcond": options.rcond, "weighting": settings.weighting, "dtype": output.dtype}
+    options_row.update({k: v for k, v in (("clip_update_norm", options.clip_update_norm), ("robust", options.robust)) if v is not None})
     metas = [r.meta for r in readers if r.meta is not None]
     meta = global_meta(
         result, round_=round_ if round_ is not None else _common_round(metas), clients=client_rows, options=options_row,
@@ -227,6 +229,8 @@ def _publish(out: Path, result: AggregationResult, tensors: dict[str, Any], meta
                 "residual_bytes": sizes["residual"],
                 "layers": [{k: _json_number(v) for k, v in layer.__dict__.items()} for layer in result.layers],
             }
+            if result.defenses is not None:  # who was clipped, per layer, with the pre-clip norms
+                report["defenses"] = result.defenses.report()
             text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
             staged.append(StagedFile(Path(report_path), text.encode(), force=force or output.replace_report, replaces=is_aggregate_report,
                                      kind="uniflow aggregate report"))

@@ -264,7 +264,9 @@ DEFAULT_RCOND = 1e-7  # ≈ float32 machine epsilon: adapters are stored in floa
 
 @dataclass
 class AggregateSettings:
-    """``[aggregate]``: the server's method and FedA²-LoRA's Tikhonov term (Eq. 13)."""
+    """``[aggregate]``: the server's method, FedA²-LoRA's Tikhonov term (Eq. 13) and the update defenses
+    (``clip_update_norm``: each client's update of each layer bounded in norm; ``robust``: ``median`` or
+    ``trimmed-mean:β`` in place of every weighted sum — aggregation/robust.py, docs/aggregation.md "Defenses")."""
 
     SECTION: ClassVar[str] = "aggregate"
     TOML_KEYS: ClassVar[dict[str, str]] = {"lambda_": "lambda"}  # field → key; the field name is accepted too
@@ -274,8 +276,11 @@ class AggregateSettings:
     ridge: str = "auto"
     weighting: str = "examples"
     rcond: float = DEFAULT_RCOND
+    clip_update_norm: float | None = None
+    robust: str | None = None
 
     def __post_init__(self) -> None:
+        from uniflow_cli.aggregation import robust as defenses  # torch-free
         from uniflow_cli.aggregation.registry import method_spec  # torch-free
 
         check_field_types(self, "aggregate", keys=self.TOML_KEYS)
@@ -288,6 +293,8 @@ class AggregateSettings:
             raise ConfigError.invalid("weighting", self.weighting, f"is not {'|'.join(WEIGHTINGS)}", example="examples")
         if not (_finite(self.rcond) and 0 < self.rcond < 1):
             raise ConfigError.invalid("rcond", self.rcond, "must be in (0, 1)", example=DEFAULT_RCOND)
+        defenses.check_clip_norm(self.clip_update_norm)
+        defenses.check_robust_method(defenses.parse_robust(self.robust), self.method)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +397,8 @@ def aggregate_table(settings: AggregateSettings) -> dict[str, Any]:
     data["lambda"] = data.pop("lambda_")
     if data.get("rcond") == DEFAULT_RCOND:
         data.pop("rcond")
-    return {k: data[k] for k in ("method", "lambda", "ridge", "weighting", "rcond") if k in data}
+    # The defenses only where set (TOML has no null): a table without them is what it was before they existed.
+    return {k: data[k] for k in ("method", "lambda", "ridge", "weighting", "rcond", "clip_update_norm", "robust") if data.get(k) is not None}
 
 
 def resolve_model(ws: Workspace | None, overrides: Mapping[str, Any] | None = None) -> Any:

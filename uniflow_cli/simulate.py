@@ -153,6 +153,52 @@ class ModelPool:
                 params[key].copy_(value)
 
 
+class PoolSet:
+    """Heterogeneous ranks (``[lora] client_ranks``): one :class:`ModelPool` per build (a rank-4 and a rank-8 client
+    build different models), at most ``capacity`` loaded — the least recently used is released — so that clients
+    of alternating ranks do not rebuild the model every time. The same ``load`` seam as a ModelPool."""
+
+    def __init__(self, capacity: int, build: Callable[..., Any] | None = None) -> None:
+        self.capacity = max(1, capacity)
+        self._build = build
+        self._pools: dict[str, ModelPool] = {}  # in order of use, the most recent last
+        self._released = (0, 0.0)  # (builds, seconds) of the pools released so far
+
+    def load(self, model_cfg: Any, lora_cfg: Any, seed: int = 0, *, progress: Any = None, dtype: Any = None, **options: Any) -> Any:
+        key = _build_key(model_cfg, lora_cfg, seed, dtype, options)
+        pool = self._pools.pop(key, None) or ModelPool(self._build)
+        self._pools[key] = pool
+        while len(self._pools) > self.capacity:
+            self._drop(self._pools.pop(next(iter(self._pools))))
+        return pool.load(model_cfg, lora_cfg, seed, progress=progress, dtype=dtype, **options)
+
+    def _drop(self, pool: ModelPool) -> None:
+        self._released = (self._released[0] + pool.builds, self._released[1] + pool.build_seconds)
+        pool.release()
+
+    def release(self) -> None:
+        for pool in self._pools.values():
+            self._drop(pool)
+        self._pools.clear()
+
+    @property
+    def builds(self) -> int:
+        return sum(p.builds for p in self._pools.values()) + self._released[0]
+
+    @property
+    def build_seconds(self) -> float:
+        return sum(p.build_seconds for p in self._pools.values()) + self._released[1]
+
+
+def pool_for(ws: Any) -> ModelPool | PoolSet:
+    """A ModelPool, or a PoolSet holding one model per rank when the workspace's clients train at several."""
+    from uniflow_cli.settings import LoraSettings, resolve
+
+    lora = resolve(LoraSettings, ws)
+    ranks = {lora.r, *lora.client_ranks.values()}
+    return PoolSet(len(ranks)) if len(ranks) > 1 else ModelPool()
+
+
 def _build_key(model_cfg: Any, lora_cfg: Any, seed: int, dtype: Any, options: dict[str, Any]) -> str:
     settings = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     lora = asdict(lora_cfg) if is_dataclass(lora_cfg) else repr(lora_cfg)  # LoraSettings, or another adapter family's settings
@@ -517,7 +563,7 @@ def run_simulation(workspace: Any, rounds: int, *, method: str | None = None, cl
     plan = plan_simulation(workspace, rounds, method=method, clients=clients, fraction=fraction, eval_every=eval_every,
                            eval_options=eval_options, device=device, precision=precision, gradient_checkpointing=gradient_checkpointing,
                            fidelity=fidelity)
-    pool = pool or ModelPool()
+    pool = pool or pool_for(plan.ws)
     outcome = SimulationOutcome(plan.ws.root, plan.aggregate.method, rounds, plan.start)
     drop_private_copies(plan.ws, plan.start)  # left by a run killed after publishing
     for t in range(1, min(plan.start, rounds) + 1):  # rounds an interrupted run published but did not evaluate

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from uniflow_cli.aggregation import linalg
+from uniflow_cli.aggregation import linalg, robust
 from uniflow_cli.aggregation.methods import METHODS, LayerInputs, Method
 from uniflow_cli.aggregation.registry import DEFAULT_METHOD, method_spec
 from uniflow_cli.errors import AggregationError, ConfigError, IncompatibleAdaptersError, UsageError
@@ -40,6 +40,8 @@ class AggregationOptions:
     lambda_: float = 1.0
     ridge: str = "auto"
     rcond: float = DEFAULT_RCOND
+    clip_update_norm: float | None = None  # the update defenses (:mod:`.robust`): norm bound C per layer, or None
+    robust: str | None = None  # median | trimmed-mean:β in place of every weighted sum, or None
 
     def __post_init__(self) -> None:
         method_spec(self.method)
@@ -49,6 +51,12 @@ class AggregationOptions:
             raise ConfigError.invalid("ridge", self.ridge, f"is not one of {'|'.join(RIDGE_MODES)}", example="auto")
         if not (_finite(self.rcond) and 0 < self.rcond < 1):
             raise ConfigError.invalid("rcond", self.rcond, "must be in (0, 1)", example=DEFAULT_RCOND)
+        robust.check_clip_norm(self.clip_update_norm)
+        robust.check_robust_method(self.robust_spec, self.method)
+
+    @property
+    def robust_spec(self) -> robust.RobustSpec | None:
+        return robust.parse_robust(self.robust)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class AggregationResult:
     merge_into_base: bool = False
     notes: list[str] = field(default_factory=list)
     vera: dict[str, Any] | None = None  # VeRA: the global's extra.vera record (the layers' shapes), :mod:`.vera_core`
+    defenses: robust.DefenseLog | None = None  # --clip-update-norm / --robust: who was clipped, per layer
 
     def summary(self) -> dict[str, Any]:
         errors = [l.rel_error for l in self.layers if l.rel_error is not None and math.isfinite(l.rel_error)]
@@ -109,6 +118,7 @@ class AggregationResult:
             "rel_error_mean": sum(errors) / len(errors) if errors else None,
             "rel_error_max": max(errors) if errors else None,
             "merge_into_base": self.merge_into_base,
+            **({"defenses": self.defenses.summary()} if self.defenses is not None else {}),
         }
 
 
@@ -349,10 +359,13 @@ def aggregate(
     if len(raw_weights) != len(clients):
         raise UsageError(f"{len(raw_weights)} weights for {len(clients)} clients", fix="give exactly one weight per client")
     if is_vera(clients, start):
+        _no_defenses_for_vera(options)
         return aggregate_vera(clients, raw_weights, options, start=start, compute_errors=compute_errors, on_layer=on_layer)
     method = METHODS[options.method]
     weights = normalize_weights(raw_weights)
     layers, other_keys = _plan(clients, method, start)
+    defense = _defense_log(options, clients, start)
+    combine, bound = robust.combiner(options.robust_spec), options.clip_update_norm
     out_config = _output_config(clients[0].peft_config, layers, method)
 
     tensors: dict[str, Tensor] = {}
@@ -363,7 +376,11 @@ def aggregate(
         s_out = lora_scaling(out_config, layer.module, layer.out_rank)
         start_A = start.get(a_key) if (start is not None and method.frozen_A) else None
         As, Bs = _layer_factors(clients, layer, method, s_out, start_A, start.label if start is not None else "")
-        fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond))
+        target = None
+        if bound is not None and start is not None and defense is not None:
+            clipped = _clip_layer(start, layer, method, s_out, As, Bs, bound, defense)
+            As, Bs, target = clipped.As, clipped.Bs, clipped.target
+        fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond, combine=combine, target=target))
         tensors[a_key] = fused.A
         if fused.B is not None:
             tensors[b_key] = fused.B
@@ -374,13 +391,17 @@ def aggregate(
             residual[base_weight_key(layer.module)] = delta.to(torch.float32).contiguous()
         error = None
         if compute_errors and fused.B is not None and all(b is not None for b in Bs) and all(a is not None for a in As):
-            error = linalg.relative_error(fused.B, fused.A, Bs, As, weights)  # type: ignore[arg-type]
+            UBs, UAs = target if target is not None else (Bs, As)  # the clipped target U, when clipping
+            error = linalg.relative_error(fused.B, fused.A, UBs, UAs, weights)  # type: ignore[arg-type]
         reports.append(LayerReport(layer.module, layer.out_rank, fused.branch, fused.cond, error))
         if on_layer is not None:
             on_layer(index + 1, len(layers))
 
     for key in other_keys:
-        tensors[key] = linalg.weighted_average([client.get(key) for client in clients], weights)
+        values = [client.get(key) for client in clients]
+        if bound is not None and start is not None and defense is not None:
+            values = _clip_other(start, key, values, bound, defense)
+        tensors[key] = combine(values, weights)
 
     check_output(tensors, residual)
     return AggregationResult(
@@ -392,7 +413,88 @@ def aggregate(
         residual=residual or None,
         merge_into_base=method.merges_into_base,
         notes=_notes(method),
+        defenses=defense,
     )
+
+
+def _no_defenses_for_vera(options: AggregationOptions) -> None:
+    for name in ("clip_update_norm", "robust"):
+        if getattr(options, name) is not None:
+            raise ConfigError.invalid(name, getattr(options, name), "is not supported for VeRA adapters (defined for LoRA: the factors' "
+                                      "updates and sums of docs/aggregation.md, \"Defenses\")", fix="aggregate VeRA adapters without the update defenses")
+
+
+def _defense_log(options: AggregationOptions, clients: Sequence[ClientUpdate], start: ClientUpdate | None) -> robust.DefenseLog | None:
+    """Checks the defenses against the inputs (before any math); the log the report is made of, or None."""
+    spec = options.robust_spec
+    robust.check_robust_clients(spec, len(clients))
+    if options.clip_update_norm is not None and start is None:
+        raise ConfigError.invalid("clip_update_norm", options.clip_update_norm, "measures each update from the global the clients started "
+                                  "from, and none was given", fix="give that global as the start (uniflow aggregate --start DIR; --round T "
+                                  "uses rounds/T-1/global)")
+    if spec is None and options.clip_update_norm is None:
+        return None
+    return robust.DefenseLog([client.label for client in clients], options.clip_update_norm, spec)
+
+
+def _clip_mode(method: Method) -> str:
+    """What a client's update of a LoRA layer is made of (:func:`.robust.clip_layer`)."""
+    if method.stacks_ranks:
+        return "zero"  # FLoRA: the last global is merged into the base, clients train a fresh LoRA (B = 0)
+    if not method.needs_B:
+        return "A"  # FedSA: B never leaves the client, the server sees A's deviation only
+    return "B" if method.frozen_A else "pair"
+
+
+def _clip_layer(start: ClientUpdate, layer: _Layer, method: Method, s_out: float, As: list[Tensor | None], Bs: list[Tensor | None],
+                bound: float, defense: robust.DefenseLog) -> robust.ClippedLayer:
+    mode = _clip_mode(method)
+    A0s, B0s = _start_pairs(start, layer, s_out, mode)
+    clipped = robust.clip_layer(As, Bs, A0s, B0s, bound, s_out, mode)
+    defense.add(layer.module, clipped.norms, clipped.scales, clipped.factor_scales)
+    return clipped
+
+
+def _start_pairs(start: ClientUpdate, layer: _Layer, s_out: float, mode: str) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Each client's start pair of one layer, in the units :func:`_layer_factors` hands the methods: the start's
+    first r_k components (where a client of rank r_k began, aggregation/truncate.py), its scaling folded
+    relative to ``s_out``, zero-padded to the output rank. None where the start's ΔW is 0 (``zero``)."""
+    if mode == "zero":
+        return [None] * len(layer.ranks), [None] * len(layer.ranks)
+    a_key, b_key = lora_key(layer.module, "A"), lora_key(layer.module, "B")
+    fix = "start from the global adapter the clients trained from (clip_update_norm measures each update from it)"
+    for key in (a_key,) if mode == "A" else (a_key, b_key):
+        if key not in start.tensors:
+            raise IncompatibleAdaptersError(f"{start.label} has no {key}", fix=fix)
+    A0 = start.get(a_key).to(linalg.work_dtype(start.get(a_key)))
+    r0 = A0.shape[0]
+    B0 = None
+    if mode != "A":
+        raw = start.get(b_key)
+        B0 = raw.to(linalg.work_dtype(raw)) * (lora_scaling(start.peft_config, layer.module, r0) / s_out)
+    if (layer.d_in is not None and A0.shape[1] != layer.d_in) or (B0 is not None and B0.shape != (layer.d_out or B0.shape[0], r0)) \
+            or max(layer.ranks) > r0:
+        raise IncompatibleAdaptersError(f"{start.label}: {layer.module} (rank {r0}, A {list(A0.shape)}) is not what clients of rank "
+                                        f"{max(layer.ranks)} started from", fix=fix)
+    A0s, B0s = [], []
+    for rank in layer.ranks:
+        A_k, B_k = A0[:rank], (B0[:, :rank] if B0 is not None else torch.zeros((1, rank), dtype=A0.dtype))
+        if rank != layer.out_rank:
+            A_k, B_k = linalg.pad_rank(A_k, B_k, layer.out_rank)
+        A0s.append(A_k)
+        B0s.append(B_k if B0 is not None else None)
+    return A0s, B0s
+
+
+def _clip_other(start: ClientUpdate, key: str, values: list[Tensor], bound: float, defense: robust.DefenseLog) -> list[Tensor]:
+    """A non-LoRA tensor (projector, head) of every client, its deviation from the start's clipped by its own norm."""
+    if key not in start.tensors or start.shape(key) != tuple(values[0].shape):
+        raise IncompatibleAdaptersError(f"{start.label} has no {key} of shape {list(values[0].shape)}",
+                                        fix="start from the global adapter the clients trained from (clip_update_norm measures each update from it)")
+    reference = start.get(key)
+    rows = [robust.clip_tensor(value, reference, bound) for value in values]
+    defense.add(key, [norm for _, norm, _ in rows], [c for _, _, c in rows])
+    return [value for value, _, _ in rows]
 
 
 def _notes(method: Method) -> list[str]:

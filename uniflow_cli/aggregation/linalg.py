@@ -15,12 +15,13 @@ r×r or Kr×Kr Gram matrices. Sums run in (at least) float32; r×r solves and Gr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 Tensor = torch.Tensor
+Combine = Callable[[Sequence[Tensor], Tensor], Tensor]  # a weighted sum Σ w_k T_k, or its robust replacement (:mod:`.robust`)
 
 
 def work_dtype(*tensors: Tensor) -> torch.dtype:
@@ -122,25 +123,30 @@ def solve_right_spd(M: Tensor, G: Tensor, branch: str, lambda_: float, rcond: fl
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False), branch
 
 
-def target_times_At(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor) -> Tensor:
+def target_times_At(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, combine: Combine | None = None) -> Tensor:
     """U Āᵀ = Σ_k w_k B_k (A_k Āᵀ) (d_out × r): r×r products and d_out×r sums, never U, in the inputs' working
-    precision (float32, or float64 for float64 inputs). The right-hand side of FedA²'s and LoRA-FAIR's solves."""
+    precision (float32, or float64 for float64 inputs). The right-hand side of FedA²'s and LoRA-FAIR's solves.
+
+    ``combine`` replaces the weighted sum over the K terms B_k (A_k Āᵀ) (``--robust``, :mod:`.robust`)."""
     dtype = work_dtype(A_bar, *As, *Bs)
     A_bar_t = A_bar.to(dtype).T
+    if combine is not None:
+        return combine([B.to(dtype) @ (A.to(dtype) @ A_bar_t) for B, A in zip(Bs, As)], weights)
     M = torch.zeros((Bs[0].shape[0], A_bar.shape[0]), dtype=dtype)
     for B, A, w in zip(Bs, As, weights.tolist()):
         M.addmm_(B.to(dtype), A.to(dtype) @ A_bar_t, alpha=w)
     return M
 
 
-def fedA2_B(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str, rcond: float) -> tuple[Tensor, RidgeSolve]:
+def fedA2_B(A_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str, rcond: float,
+            combine: Combine | None = None) -> tuple[Tensor, RidgeSolve]:
     """FedA²-LoRA's analytical B (Eq. 11–13) without forming any d_out × d_in matrix.
 
     B = U Āᵀ (ĀĀᵀ + λI)⁻¹ with U Āᵀ = Σ_k w_k B_k (A_k Āᵀ): r×r products and d_out×r sums, in the
     inputs' working precision (float32, or float64 for float64 inputs); the Gram ĀĀᵀ, the Eq. 13
     decision and the solve in float64.
     """
-    M = target_times_At(A_bar, As, Bs, weights)
+    M = target_times_At(A_bar, As, Bs, weights, combine)
     A_bar64 = A_bar.to(torch.float64)
     G = A_bar64 @ A_bar64.T
     decision = choose_ridge_branch(G, lambda_, ridge, rcond)
@@ -175,7 +181,7 @@ def truncated_svd_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: T
 
 
 def lora_fair_B(A_bar: Tensor, B_bar: Tensor, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, *, lambda_: float, ridge: str,
-                rcond: float) -> tuple[Tensor, RidgeSolve]:
+                rcond: float, combine: Combine | None = None) -> tuple[Tensor, RidgeSolve]:
     """LoRA-FAIR's corrected B = B̄ + ΔB with ΔB = argmin ‖U − (B̄ + ΔB)Ā‖_F² + λ‖ΔB‖_F², without forming U.
 
     The gradient in ΔB vanishes where ΔB (ĀĀᵀ + λI) = U Āᵀ − B̄ ĀĀᵀ: FedA²'s system (Eq. 13) with B̄ĀĀᵀ taken
@@ -186,7 +192,7 @@ def lora_fair_B(A_bar: Tensor, B_bar: Tensor, As: Sequence[Tensor], Bs: Sequence
     """
     if ridge not in ("auto", "always", "never"):
         raise ValueError(f"unknown ridge mode {ridge!r}")
-    M = target_times_At(A_bar, As, Bs, weights)
+    M = target_times_At(A_bar, As, Bs, weights, combine)
     A_bar64, B_bar64 = A_bar.to(torch.float64), B_bar.to(torch.float64)
     G = A_bar64 @ A_bar64.T
     residual = M.to(torch.float64) - B_bar64 @ G  # (U − B̄Ā)Āᵀ

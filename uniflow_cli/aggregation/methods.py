@@ -18,6 +18,9 @@ folded into B relative to the output's scaling, so that for every method the pub
 | flexlora | top-r_max factors of U (as svd); each client starts from its top r_k | |
 | hetlora | Σ p_k A_k, p_k ∝ w_k ‖B_k A_k‖_F | Σ p_k B_k; each client starts from the first r_k components |
 | fedsvd | Vᵀ of B̄ A_start = UΣVᵀ (orthonormal rows) | UΣ, with B̄ = Σ w_k B_k (A frozen on the clients) |
+
+Every Σ w_k X_k above is ``x.combine`` and every U is read from ``x.UBs``/``x.UAs``: the seam of the update
+defenses (:mod:`.robust`, docs/aggregation.md "Defenses") — robust sums, and the exactly clipped target.
 """
 
 from __future__ import annotations
@@ -42,6 +45,19 @@ class LayerInputs:
     lambda_: float
     ridge: str
     rcond: float
+    # The one seam of the defenses (:mod:`.robust`): every weighted sum a method takes is ``combine`` (Σ w_k X_k,
+    # or a robust sum), and its target U = Σ w_k B_k A_k is read from ``UBs``/``UAs`` — the factors themselves,
+    # or, with clipped clients, (B_k, A_k) pairs of rank up to 2r whose products are the clipped ΔW_k exactly.
+    combine: Callable[[Sequence[Tensor], Tensor], Tensor] = linalg.weighted_average
+    target: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None  # (UBs, UAs)
+
+    @property
+    def UBs(self) -> Sequence[Tensor]:
+        return self.target[0] if self.target is not None else self.Bs  # type: ignore[return-value]
+
+    @property
+    def UAs(self) -> Sequence[Tensor]:
+        return self.target[1] if self.target is not None else self.As  # type: ignore[return-value]
 
 
 @dataclass
@@ -54,54 +70,56 @@ class LayerOutput:
 
 
 def _fedit(x: LayerInputs) -> LayerOutput:
-    return LayerOutput(linalg.weighted_average(x.As, x.weights), linalg.weighted_average(x.Bs, x.weights))
+    return LayerOutput(x.combine(x.As, x.weights), x.combine(x.Bs, x.weights))
 
 
 def _ffa(x: LayerInputs) -> LayerOutput:
     # A is frozen at its initial value on every client; core._plan checked that it really is.
     A = x.start_A if x.start_A is not None else x.As[0]
-    return LayerOutput(A.to(linalg.work_dtype(A)).clone(), linalg.weighted_average(x.Bs, x.weights))
+    return LayerOutput(A.to(linalg.work_dtype(A)).clone(), x.combine(x.Bs, x.weights))
 
 
 def _fedsa(x: LayerInputs) -> LayerOutput:
-    return LayerOutput(linalg.weighted_average(x.As, x.weights), None)
+    return LayerOutput(x.combine(x.As, x.weights), None)
 
 
 def _fedex(x: LayerInputs) -> LayerOutput:
-    A = linalg.weighted_average(x.As, x.weights)
-    B = linalg.weighted_average(x.Bs, x.weights)
-    U = linalg.dense_target(x.Bs, x.As, x.weights)
+    A = x.combine(x.As, x.weights)
+    B = x.combine(x.Bs, x.weights)
+    U = linalg.dense_target(x.UBs, x.UAs, x.weights)
     return LayerOutput(A, B, residual=U - B.to(U.dtype) @ A.to(U.dtype))
 
 
 def _fedA2(x: LayerInputs) -> LayerOutput:
-    A_bar = linalg.weighted_average(x.As, x.weights)
-    B, solve = linalg.fedA2_B(A_bar, x.As, x.Bs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond)
+    A_bar = x.combine(x.As, x.weights)
+    combine = None if x.combine is linalg.weighted_average else x.combine  # the plain sum accumulates in place
+    B, solve = linalg.fedA2_B(A_bar, x.UAs, x.UBs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond, combine=combine)
     return LayerOutput(A_bar, B.to(A_bar.dtype), branch=solve.branch, cond=solve.cond)
 
 
 def _svd(x: LayerInputs) -> LayerOutput:
     dtype = linalg.work_dtype(*x.As, *x.Bs)
-    B, A = linalg.truncated_svd_factors(x.Bs, x.As, x.weights, x.As[0].shape[0])
+    B, A = linalg.truncated_svd_factors(x.UBs, x.UAs, x.weights, x.As[0].shape[0])
     return LayerOutput(A.to(dtype), B.to(dtype))
 
 
 def _lora_fair(x: LayerInputs) -> LayerOutput:
-    A_bar, B_bar = linalg.weighted_average(x.As, x.weights), linalg.weighted_average(x.Bs, x.weights)
-    B, solve = linalg.lora_fair_B(A_bar, B_bar, x.As, x.Bs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond)
+    A_bar, B_bar = x.combine(x.As, x.weights), x.combine(x.Bs, x.weights)
+    combine = None if x.combine is linalg.weighted_average else x.combine
+    B, solve = linalg.lora_fair_B(A_bar, B_bar, x.UAs, x.UBs, x.weights, lambda_=x.lambda_, ridge=x.ridge, rcond=x.rcond, combine=combine)
     return LayerOutput(A_bar, B.to(A_bar.dtype), branch=solve.branch, cond=solve.cond)
 
 
 def _hetlora(x: LayerInputs) -> LayerOutput:
     # Zero-padded factors (core) averaged with HetLoRA's per-layer sparsity weights instead of the plain ones.
     weights = linalg.norm_weights(x.As, x.Bs, x.weights)
-    return LayerOutput(linalg.weighted_average(x.As, weights), linalg.weighted_average(x.Bs, weights))
+    return LayerOutput(x.combine(x.As, weights), x.combine(x.Bs, weights))
 
 
 def _fedsvd(x: LayerInputs) -> LayerOutput:
     # A is frozen at the start's on every client (core checked any uploaded A), so U = B̄ A exactly.
     A = x.start_A if x.start_A is not None else x.As[0]
-    B_bar = linalg.weighted_average(x.Bs, x.weights)
+    B_bar = x.combine(x.Bs, x.weights)
     dtype = linalg.work_dtype(A, B_bar)
     B, A_new = linalg.orthonormal_refactor(B_bar, A)
     return LayerOutput(A_new.to(dtype), B.to(dtype))

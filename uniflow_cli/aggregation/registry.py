@@ -35,6 +35,9 @@ class MethodSpec:
     # Why the method has no VeRA form (None: it has one, aggregation/vera.py). On VeRA, d plays A and b plays
     # B, so every fact above about A is about d, and about B is about b (docs/aggregation.md, "VeRA").
     vera_undefined: str | None = None
+    # Why ``--robust`` (a coordinate-wise median / trimmed mean in place of every weighted sum the method takes,
+    # aggregation/robust.py) has no meaning for the method (None: it has one).
+    robust_undefined: str | None = None
 
     @property
     def needs_A(self) -> bool:
@@ -101,15 +104,18 @@ SPECS: dict[str, MethodSpec] = {
         MethodSpec("fedsa", "FedSA-LoRA: share and average A; each client keeps its B", uploads=("A",), private_B=True, line_up=False),
         MethodSpec("feddpa", "FedDPA: average the global adapter's A and B (as FedIT); each client also trains a local adapter it keeps",
                    local_adapter=True),
-        MethodSpec("fedex", "FedEx-LoRA: average A, B + dense residual folded into W0", residual=True, line_up=False),
+        MethodSpec("fedex", "FedEx-LoRA: average A, B + dense residual folded into W0", residual=True, line_up=False,
+                   robust_undefined="its residual is the dense Σ w_k B_k A_k − B̄Ā, a sum of products no robust sum of the factors reaches"),
         MethodSpec("fedA2", "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
         MethodSpec("svd", "best rank-r approximation of Σ w_k B_k A_k (reference optimum)",
+                   robust_undefined="its top-r factors come from an SVD of Σ w_k B_k A_k, a sum of products no robust sum of the factors reaches",
                    vera_undefined="its top-r factors of U are arbitrary matrices, not Λ_b B and Λ_d A over the shared projections"),
         MethodSpec("flora", "FLoRA: stack the factors (rank Σ r_k), merge into the base", stacks_ranks=True, merges_into_base=True, line_up=False,
+                   robust_undefined="it stacks the clients' factors side by side: there is no sum to make robust",
                    vera_undefined="stacking gives rank Σ r_k factors with one b per client; a VeRA layer has one A, B of rank r and one b"),
         MethodSpec("lora-fair", "LoRA-FAIR: average A and B, then correct B toward U: B̄ + (U − B̄Ā)Āᵀ(ĀĀᵀ + λI)⁻¹"),
         MethodSpec("flexlora", "FlexLoRA: rank-r_max SVD optimum of U; each client starts from its own rank-r_k truncation",
-                   line_up=False,
+                   line_up=False, robust_undefined="its top-r_max factors come from an SVD of Σ w_k B_k A_k, a sum of products no robust sum of the factors reaches",
                    vera_undefined="its SVD factors of U are arbitrary matrices, and a VeRA federation has one rank (one pair of projections)"),
         MethodSpec("hetlora", "HetLoRA: zero-pad, average A and B with weights ∝ w_k‖s_k B_k A_k‖_F; each client truncates to its rank",
                    line_up=False,

@@ -16,6 +16,8 @@ EXAMPLES = [
     ("explicit paths", "uniflow aggregate --method fedA2 --lambda 1 adapters/* --out global/"),
     ("the Table 12 ablation: Tikhonov term everywhere, per-layer report", "uniflow aggregate --method fedA2 --ridge always --lambda 0.1 a/ b/ c/ --out g/ --report g.json"),
     ("the server of a shared-storage federation: wait for a quorum", "uniflow aggregate --round 3 --wait --min-clients 2 --timeout 1800"),
+    ("update defenses: bound each client's update per layer, median instead of every weighted sum",
+     "uniflow aggregate --round 3 --clip-update-norm 1.0 --robust median"),
 ]
 EPILOG = epilog(EXAMPLES, ["Methods: fedit (FedIT), ffa (FFA-LoRA), fedsa (FedSA-LoRA), fedex (FedEx-LoRA), fedA2 (FedA²-LoRA), "
                            "svd (best rank-r of Σ w B A), flora (stacked factors)."])
@@ -30,6 +32,8 @@ def aggregate(
     rcond: Annotated[Optional[float], typer.Option("--rcond", help="ĀĀᵀ counts as singular when λ_min ≤ rcond·λ_max (default 1e-7).", show_default=False)] = None,
     weighting: Annotated[Optional[str], typer.Option("--weighting", help="examples (num_examples of each drop) or uniform.", show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Explicit client weights in input order, e.g. 3,1,2.", show_default=False)] = None,
+    clip_update_norm: Annotated[Optional[float], typer.Option("--clip-update-norm", help="Bound each client's update of each layer, ‖ΔW_k − ΔW_start‖_F from the global it started from, to this norm (needs the start).", show_default=False)] = None,
+    robust: Annotated[Optional[str], typer.Option("--robust", help="median | trimmed-mean:β (β in (0, 0.5)): a coordinate-wise robust sum in place of every weighted sum.", show_default=False)] = None,
     out: OutDirOpt = None,
     start: Annotated[Optional[Path], typer.Option("--start", help="The global adapter the clients started from (ffa's frozen A; default in a workspace: the previous round's global).", show_default=False)] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the per-layer report as JSON.", show_default=False)] = None,
@@ -62,7 +66,8 @@ def aggregate(
         raise UsageError("--wait needs --round (it polls a workspace round's drop directory)", fix="add --round T")
     # Explicit mode uses only what it is given: a workspace's [aggregate] defaults only with --workspace.
     ws = find_workspace(workspace) if (round_ is not None or workspace is not None) else None
-    settings = resolve(AggregateSettings, ws, {"method": method, "lambda_": lambda_, "ridge": ridge, "weighting": weighting, "rcond": rcond})
+    settings = resolve(AggregateSettings, ws, {"method": method, "lambda_": lambda_, "ridge": ridge, "weighting": weighting, "rcond": rcond,
+                                               "clip_update_norm": clip_update_norm, "robust": robust})
     output = OutputOptions(dtype=dtype, force=force, report_path=report)
     with _progress(err) as (progress, task):
         progress.update(task, description=f"round {round_} ({settings.method})" if round_ is not None else settings.method)

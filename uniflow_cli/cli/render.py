@@ -65,3 +65,32 @@ def print_aggregate_outcome(outcome: Any) -> None:
     )
     for note in result.notes:
         out.print(f"[dim]{note}[/dim]")
+    if result.defenses is not None:
+        print_defenses(result.defenses)
+
+
+def print_defenses(defenses: Any) -> None:
+    """The update defenses of an aggregation: who was clipped (layers, largest pre-clip norm), per-layer counts."""
+    report = defenses.report()
+    robust = f"robust sum: {report['robust']}" if report["robust"] else "robust sum: none"
+    if report["clip_update_norm"] is None:
+        out.print(f"[bold]defenses[/bold]  {robust}")
+        return
+    clipped = report["clipped"]
+    out.print(f"[bold]defenses[/bold]  clip-update-norm {report['clip_update_norm']:g}: {len(clipped)} client(s) clipped  {robust}")
+    if clipped:
+        table = Table(title="clipped clients", title_justify="left")
+        for col in ("client", "layers clipped", "max pre-clip ‖update‖"):
+            table.add_column(col, overflow="fold", justify="left" if col == "client" else "right")
+        for row in clipped:
+            table.add_row(row["client"], f"{row['layers']}/{row['of']}", fmt(row["max_update_norm"]))
+        out.print(table)
+    rows = sorted(report["layers"], key=lambda r: -r["clipped"])[:MAX_LAYER_ROWS]
+    table = Table(title="pre-clip update norms per layer" + (" (the most clipped; --report has all)" if len(report["layers"]) > MAX_LAYER_ROWS else ""),
+                  title_justify="left")
+    for col in ("layer", "clipped", "max ‖update‖", "median ‖update‖"):
+        table.add_column(col, overflow="fold", justify="left" if col == "layer" else "right")
+    for row in rows:
+        norms = sorted(math.inf if v is None else v for v in row["update_norms"])  # null in JSON: a norm that overflowed
+        table.add_row(row["layer"].removeprefix("base_model.model."), str(row["clipped"]), fmt(norms[-1]), fmt(norms[(len(norms) - 1) // 2]))
+    out.print(table)
