@@ -108,6 +108,18 @@ def test_models_list_and_prepare_tiny(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "unknown modality 'video'" in result.output
 
 
+def test_models_prepare_minilm_checks_its_package():
+    """The classify encoder is read as its package ships it: prepare only checks it is there."""
+    import json
+
+    from uniflow_cli.models.presets import minilm_dir
+
+    result = runner.invoke(app, ["models", "prepare", "--preset", "minilm", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["needs_conversion"] is False and payload["parts"]["encoder"]["entry"] == str(minilm_dir())
+
+
 def test_help_shows_examples():
     for args in (["init", "--help"], ["models", "--help"], ["models", "prepare", "--help"]):
         result = runner.invoke(app, args)

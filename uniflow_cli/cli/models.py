@@ -44,7 +44,7 @@ models_app = typer.Typer(
 
 @models_app.command("prepare", epilog=EPILOG)
 def prepare(
-    preset: Annotated[str, preset_option("Only smol needs conversion.")] = DEFAULT_PRESET,
+    preset: Annotated[str, preset_option("Only smol needs conversion (minilm: its package is checked).")] = DEFAULT_PRESET,
     modalities: Annotated[str, typer.Option("--modalities", help="Encoders to prepare besides the LLM.")] = "image,audio",
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache is intact.")] = False,
     as_json: JsonOpt = False,
@@ -55,6 +55,15 @@ def prepare(
     from uniflow_cli.models.presets import SMOL_PARTS, cache_status
     from uniflow_cli.models.settings import ModelSettings
 
+    if preset == "minilm":  # the classify encoder: read as the package ships it, so only its presence is checked
+        from uniflow_cli.models.presets import minilm_dir
+
+        path = minilm_dir()
+        if as_json:
+            print_json({"preset": preset, "needs_conversion": False, "parts": {"encoder": {"entry": str(path)}}})
+        else:
+            out.print(f"preset 'minilm' needs no conversion: [green]ready[/green] {path}")
+        return
     settings = ModelSettings(preset=preset, modalities=[m.strip() for m in modalities.split(",") if m.strip()])
     parts = ["llm", *settings.modalities] if settings.preset == "smol" else []
     for part in parts:  # fail on a missing package before converting anything
