@@ -38,6 +38,10 @@ class MethodSpec:
     # Why ``--robust`` (a coordinate-wise median / trimmed mean in place of every weighted sum the method takes,
     # aggregation/robust.py) has no meaning for the method (None: it has one).
     robust_undefined: str | None = None
+    # Masked-sum exchanges per round under Flower's SecAgg+ (flower/secagg.py): 0 = the method needs individual
+    # client adapters; 1 = its global is the weighted sums of what clients upload (FedIT, FFA); 2 = FedA²: Σ w_k A_k,
+    # then, with Ā broadcast, Σ w_k B_k (A_k Āᵀ), from which the server solves B (Eq. 13).
+    secagg_exchanges: int = 0
 
     @property
     def needs_A(self) -> bool:
@@ -61,6 +65,11 @@ class MethodSpec:
         factors that is the best rank-r_k approximation, for HetLoRA its definition, for the others the inverse
         of zero-padding. FLoRA stacks: its clients start from a fresh LoRA of their own rank anyway."""
         return self.pads
+
+    @property
+    def solves_under_secagg(self) -> bool:
+        """FedA²'s second exchange: the server solves B from Σ w_k B_k (A_k Āᵀ) instead of averaging B."""
+        return self.secagg_exchanges == 2
 
     @property
     def folds_history(self) -> bool:
@@ -99,14 +108,14 @@ class MethodSpec:
 SPECS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("fedit", "FedIT: average A and B separately (the 'LoRA' baseline)"),
-        MethodSpec("ffa", "FFA-LoRA: A frozen at its initial value, average B", uploads=("B",), frozen_A=True, line_up=False),
+        MethodSpec("fedit", "FedIT: average A and B separately (the 'LoRA' baseline)", secagg_exchanges=1),
+        MethodSpec("ffa", "FFA-LoRA: A frozen at its initial value, average B", uploads=("B",), frozen_A=True, line_up=False, secagg_exchanges=1),
         MethodSpec("fedsa", "FedSA-LoRA: share and average A; each client keeps its B", uploads=("A",), private_B=True, line_up=False),
         MethodSpec("feddpa", "FedDPA: average the global adapter's A and B (as FedIT); each client also trains a local adapter it keeps",
                    local_adapter=True),
         MethodSpec("fedex", "FedEx-LoRA: average A, B + dense residual folded into W0", residual=True, line_up=False,
                    robust_undefined="its residual is the dense Σ w_k B_k A_k − B̄Ā, a sum of products no robust sum of the factors reaches"),
-        MethodSpec("fedA2", "FedA²-LoRA: average A, solve B analytically (Eq. 13)"),
+        MethodSpec("fedA2", "FedA²-LoRA: average A, solve B analytically (Eq. 13)", secagg_exchanges=2),
         MethodSpec("svd", "best rank-r approximation of Σ w_k B_k A_k (reference optimum)",
                    robust_undefined="its top-r factors come from an SVD of Σ w_k B_k A_k, a sum of products no robust sum of the factors reaches",
                    vera_undefined="its top-r factors of U are arbitrary matrices, not Λ_b B and Λ_d A over the shared projections"),

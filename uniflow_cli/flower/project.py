@@ -58,6 +58,12 @@ min-available-nodes = 2
 dp = false                  # Flower's server-side fixed-clipping DP ({dp_methods})
 dp-noise-multiplier = 0.1
 dp-clipping-norm = 10.0
+secagg = false              # Flower's SecAgg+: the server sees only sums (fedA2: 2 exchanges a round, fedit, ffa: 1)
+secagg-num-shares = 0       # key shares per node (0 = every sampled node)
+secagg-reconstruction-threshold = 2
+secagg-clipping-range = 1.0 # a client refuses to send |n_k/max-weight * value| above it
+secagg-quantization-range = 0   # levels (0 = the largest power of two with nodes * levels < 2^32)
+secagg-max-weight = 1024.0  # n_k must not exceed it; a power of two keeps the weights exact
 stages = "two-stage"        # two-stage (Eq. 7) | joint | reverse | llm-only | encoder-only
 stage-by = "step"           # step: stage I = the first tau of each round's steps; round: of the rounds
 fraction-train = 1.0        # share of the connected nodes asked to train each round

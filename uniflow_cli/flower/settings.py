@@ -29,6 +29,8 @@ RUN_CONFIG_KEYS = {
     "lambda": "lambda_",
     "ridge": "ridge",
     "weighting": "weighting",
+    "clip-update-norm": "clip_update_norm",
+    "robust": "robust",
     "steps": "steps",
     "batch-size": "batch_size",
     "lr": "lr",
@@ -46,6 +48,12 @@ RUN_CONFIG_KEYS = {
     "dp": "dp",
     "dp-noise-multiplier": "dp_noise_multiplier",
     "dp-clipping-norm": "dp_clipping_norm",
+    "secagg": "secagg",
+    "secagg-num-shares": "secagg_num_shares",
+    "secagg-reconstruction-threshold": "secagg_reconstruction_threshold",
+    "secagg-clipping-range": "secagg_clipping_range",
+    "secagg-quantization-range": "secagg_quantization_range",
+    "secagg-max-weight": "secagg_max_weight",
     "eval-rounds": "eval_rounds",
     "eval-limit": "eval_limit",
 }
@@ -80,6 +88,8 @@ class FlowerRunSettings:
     lambda_: float | None = None
     ridge: str | None = None
     weighting: str | None = None
+    clip_update_norm: float | None = None  # the update defenses ([aggregate] clip_update_norm / robust; None = the table's)
+    robust: str | None = None
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -100,6 +110,13 @@ class FlowerRunSettings:
     dp: bool = False
     dp_noise_multiplier: float = 0.1
     dp_clipping_norm: float = 10.0
+    # Secure aggregation (Flower's SecAgg+, uniflow_cli.flower.secagg): fedA2 / fedit / ffa over masked sums.
+    secagg: bool = False
+    secagg_num_shares: int = 0  # 0 = every sampled node holds a share of every key
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 1.0  # |n_k/max-weight · value| bound; a client refuses to send more
+    secagg_quantization_range: int = 0  # levels; 0 = the largest power of two <= 2^30 with nodes · Q < 2^32
+    secagg_max_weight: float = 1024.0  # n_k <= this; a power of two keeps the weights exact
     eval_rounds: str = ""  # "", "last", "all" or "1,3,5"
     eval_limit: int = 0  # 0 = every test sample
 
@@ -128,6 +145,11 @@ class FlowerRunSettings:
                 )
         if self.eval_limit < 0:
             raise ConfigError(f"eval-limit={self.eval_limit!r} must be >= 0", fix="set eval-limit = 0 (every sample)")
+        self._check_robust()
+        if self.secagg:
+            from uniflow_cli.flower.secagg import check_secagg_settings
+
+            check_secagg_settings(self)
         self.eval_round_set(self.num_server_rounds)  # validates the syntax now, not after the first round
 
     @classmethod
@@ -153,9 +175,20 @@ class FlowerRunSettings:
             values[name] = float(value) if "float" in kind and not isinstance(value, bool) else value
         return cls(**values)
 
+    def _check_robust(self) -> None:
+        """A robust sum needs enough replies every round: min-train-nodes must guarantee them (a round with fewer
+        would fail to aggregate and keep the old global)."""
+        from uniflow_cli.aggregation.robust import parse_robust
+
+        spec = in_run_config_terms(lambda: parse_robust(self.robust or None))
+        if spec is not None and self.min_train_nodes < spec.min_clients:
+            raise ConfigError(f"run-config robust={str(spec)!r} needs at least {spec.min_clients} replies a round, but min-train-nodes="
+                              f"{self.min_train_nodes} lets a round fuse fewer", fix=f"set min-train-nodes = {spec.min_clients}")
+
     def aggregate_overrides(self) -> dict[str, Any]:
         """What the run config sets of ``[aggregate]`` (None = the workspace's table decides)."""
-        return {"method": self.method or None, "lambda_": self.lambda_, "ridge": self.ridge, "weighting": self.weighting}
+        return {"method": self.method or None, "lambda_": self.lambda_, "ridge": self.ridge, "weighting": self.weighting,
+                "clip_update_norm": self.clip_update_norm, "robust": self.robust or None}
 
     def train_overrides(self) -> dict[str, Any]:
         """What the run config sets of ``[train]`` (None = the workspace's table decides). Uploads travel in
