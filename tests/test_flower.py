@@ -183,6 +183,18 @@ def test_workspace_must_be_named_and_dp_needs_aligned_replies(template, tmp_path
         build_strategy(FlowerRunSettings.from_run_config(cfg(template, "fedA2", preset="smol")), ws)
 
 
+def test_a_workspace_robust_sum_needs_enough_nodes(template, tmp_path):
+    """[aggregate] robust from the workspace (not the run config) is checked against min-train-nodes before any round."""
+    import shutil
+
+    ws_dir = tmp_path / "ws"
+    shutil.copytree(template, ws_dir)
+    text = (ws_dir / "uniflow.toml").read_text().replace("[aggregate]\n", '[aggregate]\nrobust = "median"\n', 1)
+    (ws_dir / "uniflow.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"robust=\W?median\W? needs at least 3 clients .*; 2 given"):
+        build_strategy(FlowerRunSettings.from_run_config(cfg(ws_dir, "fedA2", **{"min-train-nodes": 2})), find_workspace(ws_dir))
+
+
 def test_records_round_trip_exactly_and_refuse_other_dtypes():
     import numpy as np
 

@@ -29,6 +29,10 @@ def build_strategy(settings: FlowerRunSettings, workspace: Any) -> tuple[Any, Un
     chosen = in_run_config_terms(lambda: resolve(AggregateSettings, workspace, settings.aggregate_overrides()))
     options = core_options(chosen)
     spec = method_spec(options.method)
+    if options.robust is not None:  # from the run config or the workspace's [aggregate]: a round needs enough replies
+        from uniflow_cli.aggregation.robust import check_robust_clients
+
+        in_run_config_terms(lambda: check_robust_clients(options.robust_spec, settings.min_train_nodes, field="robust"))
     if settings.dp and not spec.line_up:
         raise ConfigError(f"dp=true with method {options.method!r}: its replies do not line up with the global array by array", fix=f"use dp with {', '.join(DP_METHODS)}")
     t0 = workspace.latest_global_round()

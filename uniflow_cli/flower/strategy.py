@@ -186,7 +186,8 @@ class UniflowFedAvg(FedAvg):
         modalities = [m for c in contents for m in json.loads(str(c.config_records[REPLY_KEY].get("modalities", "[]")))]
         return global_meta(
             result, round_=t, base_fingerprint=self.base_fingerprint, num_examples=sum(counts) or None, modalities=modalities,
-            options={"lambda": self.options.lambda_, "ridge": self.options.ridge, "rcond": self.options.rcond, "weighting": self.weighting, "dtype": "float32"},
+            options={"lambda": self.options.lambda_, "ridge": self.options.ridge, "rcond": self.options.rcond, "weighting": self.weighting, "dtype": "float32",
+                     **{k: v for k, v in (("clip_update_norm", self.options.clip_update_norm), ("robust", self.options.robust)) if v is not None}},
             clients=[{"client_id": c, "num_examples": n, "weight": w} for c, n, w in zip(order, counts, result.weights)],
             engine={"name": "flower", "rejected": self.rejected.get(t, [])},
             settings=GlobalInfo.of(self.current.meta).settings,  # the model the run started from
