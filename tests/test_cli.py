@@ -206,7 +206,7 @@ def test_aggregate_summary_shows_eq13_branches_only_where_solved(capsys, method,
 
     layer = SimpleNamespace(module="base_model.model.q", rank=4, branch=next(iter(branches)), cond=1.0, rel_error=0.0)
     summary = {"branches": branches, "rel_error_mean": 0.0, "rel_error_max": 0.0}
-    result = SimpleNamespace(method=method, layers=[layer], notes=[], summary=lambda: summary)
+    result = SimpleNamespace(method=method, layers=[layer], notes=[], summary=lambda: summary, defenses=None)
     client = {"client_id": "0", "num_examples": 5, "weight": 1.0, "path": "a"}
     print_aggregate_outcome(SimpleNamespace(result=result, clients=[client], out="g", tensor_bytes=10, residual_bytes=0))
     text = " ".join(capsys.readouterr().out.split())
