@@ -9,7 +9,6 @@ receives may hold a client's tensor.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 
 import numpy as np
@@ -50,17 +49,7 @@ def template(tmp_path_factory):
     return ws
 
 
-@pytest.fixture
-def flwr_env(tmp_path):
-    """test_flower's: a private FLWR_HOME and ports; every process started is stopped by PID."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{tf.BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(tf._free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(tf._free_port())}
-    started: list[int] = []
-    yield env, home, started
-    tf._stop(started + tf._ours(str(home)))
+flwr_env = tf.flwr_env  # test_flower's: a private FLWR_HOME and ports; every process started is stopped by PID
 
 
 class SecAggGrid:
