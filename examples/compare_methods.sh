@@ -15,7 +15,7 @@ OUT=${OUT:-runs}
 PRESET=${PRESET:-smol}
 # flexlora and hetlora run at one rank here (every client trains with the workspace's [lora] r): FlexLoRA is
 # then the SVD optimum, HetLoRA a norm-weighted FedIT; their heterogeneous-rank start is in docs/aggregation.md.
-METHODS=${METHODS:-"fedit ffa fedsa fedex fedA2 lora-fair fedsvd flexlora hetlora"}
+METHODS=${METHODS:-"fedit ffa fedsa fedex fedA2 lora-fair fedsvd flexlora hetlora rolora"}
 STAGE_MODES=${STAGE_MODES:-"joint two-stage"}
 SETTINGS=${SETTINGS:-"both image audio"}
 IMAGE_CLIENTS=${IMAGE_CLIENTS:-2}

@@ -208,10 +208,10 @@ def test_records_round_trip_exactly_and_refuse_other_dtypes():
 
 
 # ---------------------------------------------------------------------------------------------- byte identity, in process
-@pytest.mark.parametrize("method", ["fedsa", "feddpa", "fedex", "flora", "ffa"])
+@pytest.mark.parametrize("method", ["fedsa", "feddpa", "fedex", "flora", "ffa", "rolora", "encoders=fedsa,llm=fedA2"])
 def test_every_method_matches_the_file_drop_path(template, tmp_path, method):
     """Three rounds, two clients: fedsa's private B, feddpa's local adapter, fedex's residual history, flora's merge
-    history, ffa's frozen A."""
+    history, ffa's frozen A, rolora's alternating B, A, B rounds."""
     clients = {"0": 4, "1": 5}
     expected = file_drop(copy_of(template, tmp_path / "drop"), method, 3, clients)
     ws = copy_of(template, tmp_path / "flower")
@@ -373,7 +373,7 @@ def test_a_bad_run_config_stops_the_server_app_with_one_clear_line(template, tmp
     context = Context(run_id=1, node_id=0, node_config={}, state=None, run_config={"workspace": str(ws), "method": "fedavg"})
     with caplog.at_level("ERROR"), pytest.raises(UniflowError, match='run-config method="fedavg" is not one of'):
         main(NoGrid(), context)
-    assert 'uniflow: run-config method="fedavg" is not one of fedit, ffa, fedsa, feddpa, fedex, fedA2, svd, flora, lora-fair, flexlora, hetlora, fedsvd (did you mean ' in caplog.text
+    assert 'uniflow: run-config method="fedavg" is not one of fedit, ffa, fedsa, feddpa, fedex, fedA2, svd, flora, lora-fair, flexlora, hetlora, fedsvd, rolora (did you mean ' in caplog.text
     assert not (ws / "rounds" / "1").exists()
 
 

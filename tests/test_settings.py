@@ -121,6 +121,7 @@ def test_flower_names_the_run_config_key():
     ("flexlora", ("A", "B"), False, False, False, False, False, False),
     ("hetlora", ("A", "B"), False, False, False, False, False, False),
     ("fedsvd", ("B",), True, False, False, False, False, False),
+    ("rolora", ("A", "B"), False, False, False, False, False, False),  # over two rounds; each round one (test_rolora.py)
 ])
 def test_registry_table(name, uploads, frozen_A, stacks, merges, residual, private_B, line_up):
     s = method_spec(name)
@@ -152,7 +153,7 @@ def test_no_method_name_branches_outside_the_registry():
     import re
 
     root = Path(__file__).resolve().parents[1] / "uniflow_cli"
-    pattern = re.compile(r"""(method(\.name)?|options\.method)\s*(==|!=|in)\s*\(?["'](fedit|ffa|fedsa|feddpa|fedex|fedA2|svd|flora|lora-fair|flexlora|hetlora|fedsvd)["']""")
+    pattern = re.compile(r"""(method(\.name)?|options\.method)\s*(==|!=|in)\s*\(?["'](fedit|ffa|fedsa|feddpa|fedex|fedA2|svd|flora|lora-fair|flexlora|hetlora|fedsvd|rolora)["']""")
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "registry.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []

@@ -111,7 +111,7 @@ def assert_equal_runs(simulated: Path, dropped: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- ≡ file drop
-@pytest.mark.parametrize(("method", "precision"), [("fedA2", "fp32"), ("fedex", "fp32"), ("flora", "fp32"), ("fedsa", "fp32"), ("feddpa", "fp32"), ("fedex", "bf16")])
+@pytest.mark.parametrize(("method", "precision"), [("fedA2", "fp32"), ("fedex", "fp32"), ("flora", "fp32"), ("fedsa", "fp32"), ("feddpa", "fp32"), ("rolora", "fp32"), ("encoders=fedsa,llm=fedA2", "fp32"), ("fedex", "bf16")])
 def test_simulate_writes_the_bytes_of_the_file_drop_commands(site, method, precision):
     from uniflow_cli.simulate import run_simulation
 

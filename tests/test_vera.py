@@ -179,7 +179,7 @@ def test_key_sides():
 
 
 def test_vera_math_module_keeps_its_names():
-    assert vera.VERA_METHODS == VERA_METHODS and set(vera.UNDEFINED_FOR_VERA) == {"svd", "flora", "flexlora", "hetlora", "fedsvd"}
+    assert vera.VERA_METHODS == VERA_METHODS and set(vera.UNDEFINED_FOR_VERA) == {"svd", "flora", "flexlora", "hetlora", "fedsvd", "rolora"}
     assert check_family("svd", "lora").name == "svd"
 
 

@@ -52,8 +52,9 @@ def upload_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def private_tensors(method: Any, tensors: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The client's own B (VeRA: b) of a method that keeps it (FedSA), else None."""
-    return {k: v for k, v in tensors.items() if _is_B(k)} if as_spec(method).private_B else None
+    """The client's own B (VeRA: b) of a method that keeps it (FedSA; a per-module spec: of its FedSA modules), else None."""
+    spec = as_spec(method)
+    return {k: v for k, v in tensors.items() if _is_B(k) and (spec.for_key(k) or spec).private_B} if spec.private_B else None
 
 
 def method_may_keep_state(method: str | None) -> bool:
@@ -168,9 +169,12 @@ def train_client_round(
     from uniflow_cli.models import adapter_tensors, enable_gradient_checkpointing, peft_config_dict
     from uniflow_cli.models.quantize import check_quantize, quantize_llm
     from uniflow_cli.models.task import check_dataset_labels, check_global_task, check_train_settings
+    from uniflow_cli.peft_keys import lora_modules
 
-    spec = as_spec(method)
-    check_family(spec, adapter_family(start.peft_config))  # e.g. svd on a VeRA global: one line, before any build
+    spec = as_spec(method).at_round(round_)  # RoLoRA: this round's phase (what it trains and sends)
+    check_family(spec, adapter_family(start.peft_config))
+    if spec.per_module:  # it covers the global's modules, and each of its patterns matches one (LoRA only: check_family)
+        spec.check_modules(lora_modules(start.tensors)[0])  # e.g. svd on a VeRA global: one line, before any build
     # The task's demands (classify: one stage, a global of the same task and labels, every label known), before any build.
     check_train_settings(settings, cfg)
     check_global_task(start.meta, settings, started_from or "the global")
@@ -225,6 +229,7 @@ def client_meta(cfg: TrainSettings, stats: TrainStats, model: Any, dataset: Any,
         "upload_bytes": upload_bytes,
         "started_from": started_from,
         "folded_rounds": folded,
+        **({"phase": spec.phase} if spec.phase is not None else {}),  # RoLoRA: the factor this round trained and sent
         "config": {**asdict(cfg), "device": stats.device, "math": stats.math, "gradient_checkpointing": gradient_checkpointing,
                    "quantized_layers": quantized_layers(model)},
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from uniflow_cli.errors import worded
-from uniflow_cli.errors import AdapterError, DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
+from uniflow_cli.errors import AdapterError, ConfigError, DataError, IncompatibleAdaptersError, OutputExistsError, UsageError, WorkspaceError
 
 #: Modalities that need an encoder (text needs none).
 ENCODER_MODALITIES = ("image", "audio")
@@ -166,10 +166,11 @@ def method_spec_of(adapter: Any) -> Any:
     method = adapter.meta.method if adapter is not None and adapter.meta is not None else None
     if method is None:
         return None
-    if method not in METHOD_NAMES:  # another party's file: say which adapter, not which setting
-        raise AdapterError(f"{adapter.path} records method {method!r}, not one of {', '.join(METHOD_NAMES)}",
-                           fix="evaluate an adapter uniflow published")
-    return method_spec(method)
+    try:
+        return method_spec(method)  # a method, or a per-module spec (aggregation/per_module.py)
+    except ConfigError:  # another party's file: say which adapter, not which setting
+        raise AdapterError(f"{adapter.path} records method {method[:200]!r}, not one of {', '.join(METHOD_NAMES)} (or a per-module spec of them)",
+                           fix="evaluate an adapter uniflow published") from None
 
 
 def _workspace_target(request: EvalRequest, only: list[str] | None) -> EvalTarget:
@@ -423,17 +424,18 @@ def personalised(ws: Any, global_: Any, spec: Any, t: int, client: str) -> tuple
         )
     if spec.local_adapter:
         return global_, private  # its keys and shapes are checked when it loads (models.lora.load_local_tensors)
-    own_B = _private_B(private, global_, client, state, t)
+    own_B = _private_B(private, global_, client, state, t, spec)
     return LoadedAdapter(path=global_.path, peft_config=global_.peft_config, tensors={**global_.tensors, **own_B},
                          meta=global_.meta, residual=global_.residual), None
 
 
-def _private_B(private: Any, global_: Any, client: str, state: Path, t: int) -> dict[str, Any]:
-    """The client's B tensors (VeRA: its b vectors), checked to cover the global's LoRA modules with the global A's rank."""
+def _private_B(private: Any, global_: Any, client: str, state: Path, t: int, spec: Any) -> dict[str, Any]:
+    """The client's B tensors (VeRA: its b vectors), checked to cover the global's LoRA modules whose method keeps B
+    private (every module; a per-module spec: its FedSA modules) with the global A's rank."""
     from uniflow_cli.peft_keys import factor_modules, factor_side
 
     fix = "both must come from the same federation; re-train the client"
-    shared_modules = factor_modules(global_.tensors.keys())
+    shared_modules = {m: keys for m, keys in factor_modules(global_.tensors.keys()).items() if spec.for_module(m).private_B}
     own_B = {k: v for k, v in private.tensors.items() if factor_side(k) == "out"}
     private_modules = factor_modules(own_B.keys())
     if set(private_modules) != set(shared_modules):

@@ -54,6 +54,9 @@ class Fidelity:
 
 def check_fidelity_method(spec: Any) -> None:
     """One line unless the method's drops carry A and B (U needs both)."""
+    if spec.alternates:
+        raise UsageError(f"the function-space gap needs every client's A and B, and {spec.name} uploads one factor a round "
+                         "(its aggregation is exact: the gap is 0)", fix="measure it for fedit, fedA2, svd, fedex, ...")
     if not (spec.needs_A and spec.needs_B):
         raise UsageError(f"the function-space gap needs every client's A and B, and {spec.name} uploads only {' and '.join(spec.uploads)}",
                          fix="measure it for a method whose clients upload both factors (fedit, fedA2, svd, fedex, ...)")

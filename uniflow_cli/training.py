@@ -54,12 +54,17 @@ class TrainStats:
 
 
 def freeze_for_method(model: Any, method: Any) -> None:
-    """A method whose A is frozen (FFA-LoRA) never trains it, whatever the stage (requires_grad off); on
-    VeRA that is d (``vera_lambda_d``), the input side, as A is on LoRA (docs/aggregation.md, "VeRA")."""
-    if as_spec(method).frozen_A:
-        for name, param in model.named_parameters():
-            if ".lora_A." in name or ".vera_lambda_d." in f"{name}.":
-                param.requires_grad_(False)
+    """A method whose A is frozen (FFA-LoRA, RoLoRA's B rounds) never trains it, whatever the stage
+    (requires_grad off); on VeRA that is d (``vera_lambda_d``), the input side, as A is on LoRA
+    (docs/aggregation.md, "VeRA"). A frozen B (RoLoRA's A rounds) likewise: ``lora_B`` / ``vera_lambda_b``."""
+    spec = as_spec(method)
+    if not (spec.frozen_A or spec.frozen_B):
+        return
+    for name, param in model.named_parameters():
+        own = spec.for_key(name) or spec  # a per-module spec: the method of the parameter's module
+        frozen = ((".lora_A.", ".vera_lambda_d.") if own.frozen_A else ()) + ((".lora_B.", ".vera_lambda_b.") if own.frozen_B else ())
+        if any(part in f"{name}." for part in frozen):
+            param.requires_grad_(False)
 
 
 def _draws(n: int, batch_size: int, generator: Any) -> Iterator[list[int]]:

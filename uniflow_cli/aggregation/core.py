@@ -16,7 +16,7 @@ import torch
 
 from uniflow_cli.aggregation import linalg, robust
 from uniflow_cli.aggregation.methods import METHODS, LayerInputs, Method
-from uniflow_cli.aggregation.registry import DEFAULT_METHOD, method_spec
+from uniflow_cli.aggregation.registry import DEFAULT_METHOD, MethodSpec, method_spec
 from uniflow_cli.errors import AggregationError, ConfigError, IncompatibleAdaptersError, UsageError
 from uniflow_cli.peft_keys import PEFT_PREFIX, base_weight_key, lora_key, lora_modules, lora_scaling
 from uniflow_cli.settings import DEFAULT_RCOND, RIDGE_MODES  # also imported from here by callers
@@ -89,6 +89,7 @@ class LayerReport:
     branch: str
     cond: float | None
     rel_error: float | None
+    method: str | None = None  # the method that fused it (a per-module spec: this module's)
 
 
 @dataclass
@@ -158,13 +159,41 @@ class _Layer:
     out_rank: int
 
 
-def _plan(clients: Sequence[ClientUpdate], method: Method, start: ClientUpdate | None) -> tuple[list[_Layer], list[str]]:
-    """Check that the clients can be fused by ``method``; return the layer plan and non-LoRA keys."""
+def _plan(clients: Sequence[ClientUpdate], spec: MethodSpec, start: ClientUpdate | None) -> tuple[list[_Layer], list[str], dict[str, Method]]:
+    """Check that the clients can be fused by ``spec``; return the layer plan, the non-LoRA keys and each
+    layer's method (one method, or a per-module spec's: :mod:`.per_module`)."""
     modules, other = _common_layout(clients)
-    layers = [_plan_layer(clients, module, method, start) for module in sorted(modules)]
-    if start is not None and method.frozen_A:
-        _check_start(start, layers)
-    return layers, sorted(other)
+    spec.check_modules(modules)
+    if spec.per_module:
+        methods = {module: METHODS[spec.for_module(module).name] for module in modules}
+    else:
+        methods = dict.fromkeys(modules, _in_phase(METHODS[spec.name], clients))
+    layers = [_plan_layer(clients, module, methods[module], start) for module in sorted(modules)]
+    for side in ("A", "B"):
+        frozen = [layer for layer in layers if getattr(methods[layer.module], f"frozen_{side}")]
+        if frozen and start is not None:
+            _check_start(start, frozen, side)
+    return layers, sorted(other), methods
+
+
+def _in_phase(method: Method, clients: Sequence[ClientUpdate]) -> Method:
+    """An alternating method (RoLoRA) in the phase its drops are in: B rounds send only lora_B, A rounds only
+    lora_A, and every client of a round the same (any other method: itself)."""
+    if not method.alternates:
+        return method
+    phases: dict[str, list[str]] = {}
+    for client in clients:
+        pairs, _ = lora_modules(list(client.tensors))
+        sent = {("A" if a else "") + ("B" if b else "") for a, b in pairs.values()}
+        if len(sent) != 1 or next(iter(sent)) not in ("A", "B"):
+            what = "no LoRA factor" if not sent else " / ".join(sorted({{"A": "lora_A", "B": "lora_B", "AB": "lora_A and lora_B"}[x] for x in sent}))
+            raise IncompatibleAdaptersError(f"{method.name}: {client.label} uploaded {what}; a {method.name} client sends only lora_B in "
+                                            "odd rounds and only lora_A in even rounds", fix=f"retrain it with method {method.name}")
+        phases.setdefault(sent.pop(), []).append(client.label)
+    if len(phases) > 1:
+        raise IncompatibleAdaptersError(f"{method.name}: the drops are of different rounds' phases (sent lora_B: {', '.join(phases['B'])}; "
+                                        f"sent lora_A: {', '.join(phases['A'])})", fix="aggregate the drops of one round together")
+    return method.in_phase(next(iter(phases)))
 
 
 def _common_layout(clients: Sequence[ClientUpdate]) -> tuple[dict[str, tuple[str | None, str | None]], list[str]]:
@@ -207,15 +236,17 @@ def _plan_layer(clients: Sequence[ClientUpdate], module: str, method: Method, st
             f"{module}: shapes differ across clients (d_in {sorted(d_ins)}, d_out {sorted(d_outs)})",
             fix="aggregate only adapters of the same base model",
         )
-    if method.frozen_A and len(set(ranks)) > 1:
+    frozen = "A" if method.frozen_A else "B" if method.frozen_B else None
+    if frozen is not None and len(set(ranks)) > 1:
         raise IncompatibleAdaptersError(
-            f"{module}: {method.name} needs one frozen A, but client ranks differ ({sorted(set(ranks))})",
+            f"{module}: {method.name} needs one frozen {frozen}, but client ranks differ ({sorted(set(ranks))})",
             fix="use fedit or fedA2 for heterogeneous ranks",
         )
-    if method.frozen_A and start is None and any(lora_modules(_keys_of(c, module))[0][module][0] is None for c in clients):
+    side = 0 if frozen == "A" else 1
+    if frozen is not None and start is None and any(lora_modules(_keys_of(c, module))[0][module][side] is None for c in clients):
         raise UsageError(
-            f"{method.name}: clients did not upload lora_A of {module} and no starting global was given",
-            fix="give the global adapter the clients trained from as the start (it holds the frozen A)",
+            f"{method.name}: clients did not upload lora_{frozen} of {module} and no starting global was given",
+            fix=f"give the global adapter the clients trained from as the start (it holds the frozen {frozen})",
         )
     out_rank = sum(ranks) if not method.pads else max(ranks)
     return _Layer(module, ranks, d_ins.pop() if d_ins else None, d_outs.pop() if d_outs else None, out_rank)
@@ -249,13 +280,14 @@ def _client_rank(client: ClientUpdate, module: str, method: Method, d_ins: set[i
     return rank  # type: ignore[return-value] - lora_modules yields A or B (or both) for every module
 
 
-def _check_start(start: ClientUpdate, layers: Sequence[_Layer]) -> None:
-    """The starting global holds the frozen A of every layer, at the clients' rank."""
+def _check_start(start: ClientUpdate, layers: Sequence[_Layer], side: str = "A") -> None:
+    """The starting global holds the frozen A (``side``; RoLoRA's A rounds: B) of every layer, at the clients' rank."""
     for layer in layers:
-        key = lora_key(layer.module, "A")
+        key = lora_key(layer.module, side)
         if key not in start.tensors:
             raise IncompatibleAdaptersError(f"{start.label} has no {key}", fix="start from the global adapter the clients trained from")
-        if start.shape(key) != (layer.out_rank, layer.d_in or start.shape(key)[1]):
+        expected = (layer.out_rank, layer.d_in or start.shape(key)[1]) if side == "A" else (layer.d_out or start.shape(key)[0], layer.out_rank)
+        if start.shape(key) != expected:
             raise IncompatibleAdaptersError(
                 f"{start.label}: {key} has shape {list(start.shape(key))}, clients expect rank {layer.out_rank}",
                 fix="start from the global adapter the clients trained from",
@@ -266,7 +298,7 @@ def _keys_of(client: ClientUpdate, module: str) -> list[str]:
     return [k for k in (lora_key(module, "A"), lora_key(module, "B")) if k in client.tensors]
 
 
-def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], method: Method) -> dict[str, Any]:
+def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], stacks_ranks: bool) -> dict[str, Any]:
     """The published adapter's LoraConfig: the first client's, with the output ranks.
 
     Modules whose output rank differs from the top-level ``r`` get a ``rank_pattern`` entry so that PEFT
@@ -282,7 +314,7 @@ def _output_config(reference: Mapping[str, Any], layers: Sequence[_Layer], metho
             name = layer.module.split(PEFT_PREFIX, 1)[-1]
             rank_pattern[name] = layer.out_rank
     config["rank_pattern"] = rank_pattern
-    if method.stacks_ranks:
+    if stacks_ranks:
         ref_r = int(reference["r"])
         factor = math.sqrt(top / ref_r) if reference.get("use_rslora") else top / ref_r
         config["lora_alpha"] = float(reference.get("lora_alpha", 8)) * factor
@@ -321,13 +353,15 @@ def _layer_factors(clients: Sequence[ClientUpdate], layer: _Layer, method: Metho
             reference, ref_label = (start_A, start_label) if start_A is not None else (As[0] if As and As[0] is not None else None, clients[0].label)
             if reference is not None:
                 _check_frozen_A(client, a_key, A, reference, ref_label, method.name)
+        # Fold the client's PEFT scaling into B relative to the output's, so that s_out · B_eff · A reproduces
+        # the client's own s_k · B_k · A_k exactly; into A where B is frozen and not sent (RoLoRA's A rounds).
+        factor = lora_scaling(client.peft_config, layer.module, rank) / s_out
         if B is not None:
-            # Fold the client's PEFT scaling into B relative to the output's, so that
-            # s_out · B_eff · A reproduces the client's own s_k · B_k · A_k exactly.
-            factor = lora_scaling(client.peft_config, layer.module, rank) / s_out
             B = B.to(linalg.work_dtype(B)) * factor if factor != 1.0 else B.to(linalg.work_dtype(B))
         if A is not None:
             A = A.to(linalg.work_dtype(A))
+            if method.frozen_B and factor != 1.0:
+                A = A * factor
         if method.pads and rank != layer.out_rank:
             A_pad, B_pad = linalg.pad_rank(
                 A if A is not None else torch.zeros((rank, layer.d_in or 1)),
@@ -361,26 +395,29 @@ def aggregate(
     if is_vera(clients, start):
         _no_defenses_for_vera(options)
         return aggregate_vera(clients, raw_weights, options, start=start, compute_errors=compute_errors, on_layer=on_layer)
-    method = METHODS[options.method]
+    spec = method_spec(options.method)
     weights = normalize_weights(raw_weights)
-    layers, other_keys = _plan(clients, method, start)
+    layers, other_keys, methods = _plan(clients, spec, start)
     defense = _defense_log(options, clients, start)
     combine, bound = robust.combiner(options.robust_spec), options.clip_update_norm
-    out_config = _output_config(clients[0].peft_config, layers, method)
+    out_config = _output_config(clients[0].peft_config, layers, spec.stacks_ranks)
 
     tensors: dict[str, Tensor] = {}
     residual: dict[str, Tensor] = {}
     reports: list[LayerReport] = []
     for index, layer in enumerate(layers):
+        method = methods[layer.module]
         a_key, b_key = lora_key(layer.module, "A"), lora_key(layer.module, "B")
         s_out = lora_scaling(out_config, layer.module, layer.out_rank)
         start_A = start.get(a_key) if (start is not None and method.frozen_A) else None
+        start_B = _start_B(start, layer) if method.frozen_B else None
         As, Bs = _layer_factors(clients, layer, method, s_out, start_A, start.label if start is not None else "")
         target = None
         if bound is not None and start is not None and defense is not None:
             clipped = _clip_layer(start, layer, method, s_out, As, Bs, bound, defense)
             As, Bs, target = clipped.As, clipped.Bs, clipped.target
-        fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond, combine=combine, target=target))
+        fused = method.fuse(LayerInputs(As, Bs, weights, start_A, options.lambda_, options.ridge, options.rcond, combine=combine, target=target,
+                                        start_B=start_B))
         tensors[a_key] = fused.A
         if fused.B is not None:
             tensors[b_key] = fused.B
@@ -390,10 +427,13 @@ def aggregate(
                 delta = delta.T  # stored in the orientation of the base weight it is added to
             residual[base_weight_key(layer.module)] = delta.to(torch.float32).contiguous()
         error = None
-        if compute_errors and fused.B is not None and all(b is not None for b in Bs) and all(a is not None for a in As):
-            UBs, UAs = target if target is not None else (Bs, As)  # the clipped target U, when clipping
+        if fused.B is not None:  # a frozen factor every client trained under (FFA's A, RoLoRA's): the fused one
+            As = [fused.A if a is None and method.frozen_A else a for a in As]
+            Bs = [fused.B if b is None and method.frozen_B else b for b in Bs]
+        UBs, UAs = target if target is not None else (Bs, As)  # the clipped target U, when clipping
+        if compute_errors and fused.B is not None and all(x is not None for x in (*UBs, *UAs)):
             error = linalg.relative_error(fused.B, fused.A, UBs, UAs, weights)  # type: ignore[arg-type]
-        reports.append(LayerReport(layer.module, layer.out_rank, fused.branch, fused.cond, error))
+        reports.append(LayerReport(layer.module, layer.out_rank, fused.branch, fused.cond, error, method.name))
         if on_layer is not None:
             on_layer(index + 1, len(layers))
 
@@ -407,14 +447,21 @@ def aggregate(
     return AggregationResult(
         tensors=tensors,
         peft_config=out_config,
-        method=method.name,
+        method=spec.name,
         weights=[float(w) for w in weights],
         layers=reports,
         residual=residual or None,
-        merge_into_base=method.merges_into_base,
-        notes=_notes(method),
+        merge_into_base=spec.merges_into_base,
+        notes=[note for m in {m.name: m for m in methods.values()}.values() for note in _notes(m)],
         defenses=defense,
     )
+
+
+def _start_B(start: ClientUpdate, layer: _Layer) -> Tensor:
+    """The start's B of one layer as stored (RoLoRA's A rounds): client k trained s_k · B · A_k with exactly these
+    values, so the global keeps them and :func:`_layer_factors` folds s_k / s_out into A_k instead."""
+    B = start.get(lora_key(layer.module, "B"))
+    return B.to(linalg.work_dtype(B))
 
 
 def _no_defenses_for_vera(options: AggregationOptions) -> None:
@@ -509,4 +556,7 @@ def _notes(method: Method) -> list[str]:
         notes.append(f"{method.name}: {stacked}merge into the base weights before the next round")
     if method.residual:
         notes.append(f"{method.name}: residual.safetensors must be added to the frozen base weights")
+    if method.phase is not None:
+        other = "A" if method.phase == "B" else "B"
+        notes.append(f"{method.name}: a round of {method.phase} ({other} frozen, kept from the start); the next round trains {other}")
     return notes

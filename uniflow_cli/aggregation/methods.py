@@ -18,6 +18,8 @@ folded into B relative to the output's scaling, so that for every method the pub
 | flexlora | top-r_max factors of U (as svd); each client starts from its top r_k | |
 | hetlora | Σ p_k A_k, p_k ∝ w_k ‖B_k A_k‖_F | Σ p_k B_k; each client starts from the first r_k components |
 | fedsvd | Vᵀ of B̄ A_start = UΣVᵀ (orthonormal rows) | UΣ, with B̄ = Σ w_k B_k (A frozen on the clients) |
+| rolora, odd rounds | A_start (frozen) | Σ w_k B_k (as ffa) |
+| rolora, even rounds | Σ w_k A_k | B_start (frozen) |
 
 Every Σ w_k X_k above is ``x.combine`` and every U is read from ``x.UBs``/``x.UAs``: the seam of the update
 defenses (:mod:`.robust`, docs/aggregation.md "Defenses") — robust sums, and the exactly clipped target.
@@ -50,6 +52,7 @@ class LayerInputs:
     # or, with clipped clients, (B_k, A_k) pairs of rank up to 2r whose products are the clipped ΔW_k exactly.
     combine: Callable[[Sequence[Tensor], Tensor], Tensor] = linalg.weighted_average
     target: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None  # (UBs, UAs)
+    start_B: Tensor | None = None  # the B of the global the clients started from, scaling folded (RoLoRA's A rounds)
 
     @property
     def UBs(self) -> Sequence[Tensor]:
@@ -77,6 +80,12 @@ def _ffa(x: LayerInputs) -> LayerOutput:
     # A is frozen at its initial value on every client; core._plan checked that it really is.
     A = x.start_A if x.start_A is not None else x.As[0]
     return LayerOutput(A.to(linalg.work_dtype(A)).clone(), x.combine(x.Bs, x.weights))
+
+
+def _frozen_B(x: LayerInputs) -> LayerOutput:
+    # RoLoRA's A rounds: every client trained A under the start's B (never sent), so Σ w_k B A_k = B Ā exactly.
+    A = x.combine(x.As, x.weights)
+    return LayerOutput(A, x.start_B.to(A.dtype).clone())  # type: ignore[union-attr] - core checked the start has it
 
 
 def _fedsa(x: LayerInputs) -> LayerOutput:
@@ -142,10 +151,20 @@ class Method:
     def __getattr__(self, name: str) -> object:  # name, needs_A, frozen_A, stacks_ranks, ... from the spec
         return getattr(self.spec, name)
 
+    def in_phase(self, phase: str) -> Method:
+        """An alternating method (RoLoRA) in one phase: B rounds fuse as FFA, A rounds keep the start's B."""
+        if not self.spec.alternates:
+            return self
+        return Method(self.spec.in_phase(phase), _ffa if phase == "B" else _frozen_B)
+
+
+def _alternating(x: LayerInputs) -> LayerOutput:
+    raise AssertionError("an alternating method is fused in one of its phases (Method.in_phase), never as itself")
+
 
 _FUSE: dict[str, Callable[[LayerInputs], LayerOutput]] = {
     "fedit": _fedit, "ffa": _ffa, "fedsa": _fedsa, "feddpa": _fedit, "fedex": _fedex, "fedA2": _fedA2, "svd": _svd, "flora": _flora,
     # FlexLoRA's server is the SVD optimum at the padded rank r_max; what differs is each client's start.
-    "lora-fair": _lora_fair, "flexlora": _svd, "hetlora": _hetlora, "fedsvd": _fedsvd,
+    "lora-fair": _lora_fair, "flexlora": _svd, "hetlora": _hetlora, "fedsvd": _fedsvd, "rolora": _alternating,
 }
 METHODS: dict[str, Method] = {name: Method(spec, _FUSE[name]) for name, spec in SPECS.items()}

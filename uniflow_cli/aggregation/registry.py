@@ -10,7 +10,7 @@ no torch, so checking a name in a config file stays fast. No ``method.name ==`` 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from uniflow_cli.errors import ConfigError
 from uniflow_cli.peft_keys import ADAPTER_FAMILIES, factor_side
@@ -24,6 +24,13 @@ class MethodSpec:
     # A stays at the A of the global the client started from: never trained, never re-sent (FFA: the round-0 A,
     # which every FFA global repeats; FedSVD: the orthonormal A the server re-factorised last round).
     frozen_A: bool = False
+    # B stays at the B of the global the client started from: never trained, never re-sent (RoLoRA's A rounds).
+    frozen_B: bool = False
+    # The method alternates per round (RoLoRA): odd rounds train and send only B (A frozen, as FFA), even rounds
+    # only A (B frozen); either way Σ w_k B_k A_k is a product of one sum and one shared factor, so the
+    # aggregation is exact and each upload is half the bytes. ``at_round(t)`` is the spec of round t.
+    alternates: bool = False
+    phase: str | None = None  # the factor a round of an alternating method trains and sends ("A" | "B"), else None
     stacks_ranks: bool = False  # the global's rank is Σ r_k (FLoRA): clients are not zero-padded to r_max
     merges_into_base: bool = False  # every published global is merged into W0 before the next round (FLoRA)
     residual: bool = False  # the global carries a dense residual that clients fold into W0 (FedEx)
@@ -42,6 +49,41 @@ class MethodSpec:
     # client adapters; 1 = its global is the weighted sums of what clients upload (FedIT, FFA); 2 = FedA²: Σ w_k A_k,
     # then, with Ā broadcast, Σ w_k B_k (A_k Āᵀ), from which the server solves B (Eq. 13).
     secagg_exchanges: int = 0
+
+    def at_round(self, round_: int) -> MethodSpec:
+        """The spec of round ``round_`` (1 = the first trained round): itself, or for an alternating method the
+        phase that round is in — B first, since the round-0 B is zero and A's gradient is zero with it."""
+        return self.in_phase("B" if round_ % 2 == 1 else "A") if self.alternates else self
+
+    def in_phase(self, phase: str) -> MethodSpec:
+        """An alternating method's spec in one phase: it trains and sends only ``phase`` (the other factor frozen)."""
+        if not self.alternates:
+            return self
+        if phase == "B":
+            return replace(self, uploads=("B",), frozen_A=True, alternates=False, phase="B")
+        return replace(self, uploads=("A",), frozen_B=True, alternates=False, phase="A")
+
+    # One method for every module; a per-module spec (``encoders=fedsa,llm=fedA2``: :mod:`.per_module`) answers
+    # these per module, and its whole-adapter facts above are what its parts imply together.
+    @property
+    def per_module(self) -> bool:
+        return False
+
+    @property
+    def methods(self) -> tuple[MethodSpec, ...]:
+        """The distinct methods it is made of (itself; a per-module spec: its parts')."""
+        return (self,)
+
+    def for_module(self, module: str) -> MethodSpec:
+        """The method fusing ``module`` (a PEFT module name)."""
+        return self
+
+    def for_key(self, key: str) -> MethodSpec | None:
+        """The method of the module a tensor or parameter name belongs to."""
+        return self
+
+    def check_modules(self, modules: object) -> None:
+        """Every module has a method and every pattern matches one (a single method: always)."""
 
     @property
     def needs_A(self) -> bool:
@@ -99,6 +141,8 @@ class MethodSpec:
     @property
     def sharing(self) -> str:
         """What a client uploads, in words (status lines, docs)."""
+        if self.alternates:
+            return "B in odd rounds (A frozen), A in even rounds (B frozen), and non-LoRA tensors"
         factors = " and ".join(self.uploads)
         kept = (" (B stays on the client)" if self.private_B else " (A is frozen)" if self.frozen_A
                 else " (a local adapter stays on the client)" if self.local_adapter else "")
@@ -132,6 +176,9 @@ SPECS: dict[str, MethodSpec] = {
         MethodSpec("fedsvd", "FedSVD: A frozen at the global's, average B, re-factorise B̄A by SVD (orthonormal A, B = UΣ)",
                    uploads=("B",), frozen_A=True, line_up=False,
                    vera_undefined="its A is the right singular vectors of B̄A, an arbitrary orthonormal matrix, not Λ_d A over the shared projection"),
+        MethodSpec("rolora", "RoLoRA: alternate rounds — odd rounds train and average B (A frozen), even rounds A (B frozen): exact, half the bytes",
+                   alternates=True, line_up=False,
+                   vera_undefined="uniflow alternates LoRA's A and B; the alternation of VeRA's d and b is not implemented (use ffa, or fedA2)"),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(SPECS)
@@ -141,9 +188,14 @@ UNDEFINED_FOR_VERA: dict[str, str] = {name: spec.vera_undefined for name, spec i
 
 
 def method_spec(name: object, *, field: str = "method") -> MethodSpec:
-    """The spec of ``name``, or a ConfigError naming the known methods (and the closest, for a typo)."""
+    """The spec of ``name`` — a method, or a per-module spec such as ``encoders=fedsa,llm=fedA2``
+    (:mod:`.per_module`) — or a ConfigError naming the known methods (and the closest, for a typo)."""
     if isinstance(name, str) and name in SPECS:
         return SPECS[name]
+    from uniflow_cli.aggregation.per_module import is_per_module, parse_module_methods
+
+    if is_per_module(name):
+        return parse_module_methods(name, field=field)  # type: ignore[arg-type]
     close = difflib.get_close_matches(str(name), METHOD_NAMES, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError.invalid(field, name, f"is not one of {', '.join(METHOD_NAMES)}{hint}", example=close[0] if close else DEFAULT_METHOD)

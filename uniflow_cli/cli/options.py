@@ -53,7 +53,7 @@ BATCH_SIZE_FLAGS = ("--batch-size", "-b")
 PRESET_NAMES = ("smol", "tiny-random", "random-1b", "random-7b", "minilm", "custom")
 BUILTIN_DATASETS = ("easy-vqa", "spoken-qa", "text-qa", "snli", "rotten-tomatoes")
 
-METHODS_HELP = " | ".join(METHOD_NAMES)
+METHODS_HELP = " | ".join(METHOD_NAMES) + ", or per module: 'encoders=fedsa,llm=fedA2' (module patterns → method; a bare method is the default)"
 
 # Help text is rich markup: a literal TOML table name must be written "\\[train]", or rich drops it as a tag.
 

@@ -108,6 +108,11 @@ def init_workspace(
 
     peft_model = load_model(model, lora, seed, progress=progress)
     tensors = adapter_tensors(peft_model)
+    if not lora.is_vera:  # a per-module spec covers the model's LoRA modules, each pattern matches one: before anything is written
+        from uniflow_cli.aggregation.registry import method_spec
+        from uniflow_cli.peft_keys import lora_modules
+
+        method_spec((aggregate or AggregateSettings()).method).check_modules(lora_modules(list(tensors))[0])
     base = peft_model.get_base_model()
     meta = AdapterMeta(
         role="global",
