@@ -46,7 +46,7 @@ class MethodSpec:
     # aggregation/robust.py) has no meaning for the method (None: it has one).
     robust_undefined: str | None = None
     # Masked-sum exchanges per round under Flower's SecAgg+ (flower/secagg.py): 0 = the method needs individual
-    # client adapters; 1 = its global is the weighted sums of what clients upload (FedIT, FFA); 2 = FedA²: Σ w_k A_k,
+    # client adapters; 1 = its global is the weighted sums of what clients upload (FedIT, FFA, RoLoRA); 2 = FedA²: Σ w_k A_k,
     # then, with Ā broadcast, Σ w_k B_k (A_k Āᵀ), from which the server solves B (Eq. 13).
     secagg_exchanges: int = 0
 
@@ -177,7 +177,7 @@ SPECS: dict[str, MethodSpec] = {
                    uploads=("B",), frozen_A=True, line_up=False,
                    vera_undefined="its A is the right singular vectors of B̄A, an arbitrary orthonormal matrix, not Λ_d A over the shared projection"),
         MethodSpec("rolora", "RoLoRA: alternate rounds — odd rounds train and average B (A frozen), even rounds A (B frozen): exact, half the bytes",
-                   alternates=True, line_up=False,
+                   alternates=True, line_up=False, secagg_exchanges=1,
                    vera_undefined="uniflow alternates LoRA's A and B; the alternation of VeRA's d and b is not implemented (use ffa, or fedA2)"),
     )
 }

@@ -78,8 +78,8 @@ def _fitres(tensors: Mapping[str, Any], n: int, metrics: dict[str, Any]) -> Reco
 
 def upload_factors(shared: Mapping[str, Any], peft_config: Mapping[str, Any], global_config: Mapping[str, Any],
                    global_tensors: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(A_k, B_k, others) in float64 as the server core sees them: B_k with s_k / s_out folded in (core._layer_factors),
-    both padded to the global's rank."""
+    """(A_k, B_k, others) in float64 as the server core sees them: B_k with s_k / s_out folded in (core._layer_factors;
+    into A_k where B is frozen and not sent, RoLoRA's A rounds), both padded to the global's rank."""
     import torch
 
     from uniflow_cli.aggregation.linalg import pad_rank
@@ -96,8 +96,11 @@ def upload_factors(shared: Mapping[str, Any], peft_config: Mapping[str, Any], gl
         rank = A.shape[0] if A is not None else B.shape[1]
         if rank > out_rank:
             raise UsageError(f"{module}: this client's rank {rank} exceeds the global's {out_rank}", fix="use the global's rank under secagg")
+        factor = lora_scaling(peft_config, module, rank) / lora_scaling(global_config, module, out_rank)
         if B is not None:
-            B = B * (lora_scaling(peft_config, module, rank) / lora_scaling(global_config, module, out_rank))
+            B = B * factor
+        elif A is not None:
+            A = A * factor
         A_pad, B_pad = pad_rank(A if A is not None else torch.zeros((rank, 1), dtype=torch.float64),
                                 B if B is not None else torch.zeros((1, rank), dtype=torch.float64), out_rank)
         if A is not None:
@@ -155,7 +158,7 @@ def secagg_client_round(content: RecordDict, context: Context) -> RecordDict:
     if n > max_weight:
         raise ConfigError(f"{n} examples exceed run-config secagg-max-weight={max_weight:g}", fix=f"set secagg-max-weight = {2 ** int(np.ceil(np.log2(n)))}")
     As, Bs, other = upload_factors(shared, json.loads(str(info["peft-config"])), header["peft_config"], received)
-    spec = method_spec(header["method"])
+    spec = method_spec(header["method"]).at_round(int(header["round"]) + 1)  # RoLoRA: this round's phase
     send = dict(other)
     send.update({lora_key(m, "A"): A for m, A in As.items()} if spec.needs_A else {})
     send.update({lora_key(m, "B"): B for m, B in Bs.items()} if spec.needs_B and not spec.solves_under_secagg else {})
@@ -260,15 +263,16 @@ def _refuse(inner: Any, first: _Exchange, nodes: Sequence[int]) -> str | None:
 
 
 def fused_tensors(method: str, start: Mapping[str, Any], first: Mapping[str, Any], second: Mapping[str, Any] | None,
-                  lambda_: float, ridge: str, rcond: float) -> tuple[dict[str, Any], list[Any]]:
-    """The global from the sums: fedA2 solves B from M = Σ w_k B_k (A_k Āᵀ) (linalg's Eq. 13 rules), fedit takes
-    the averages, ffa keeps the start's frozen A. Returns (tensors in float32, per-layer (module, branch, cond))."""
+                  lambda_: float, ridge: str, rcond: float, round_: int = 1) -> tuple[dict[str, Any], list[Any]]:
+    """The global of round ``round_`` from the sums: fedA2 solves B from M = Σ w_k B_k (A_k Āᵀ) (linalg's Eq. 13
+    rules), fedit takes the averages, ffa (and RoLoRA's B rounds) keeps the start's frozen A, RoLoRA's A rounds its
+    frozen B. Returns (tensors in float32, per-layer (module, branch, cond))."""
     import torch
 
     from uniflow_cli.aggregation.linalg import choose_ridge_branch, solve_right_spd
     from uniflow_cli.peft_keys import lora_key, lora_modules
 
-    spec = method_spec(method)
+    spec = method_spec(method).at_round(round_)
     modules, other = lora_modules(list(start))
     out = {k: first[k].float() for k in other}
     layers = []
@@ -282,7 +286,7 @@ def fused_tensors(method: str, start: Mapping[str, Any], first: Mapping[str, Any
             B, branch = solve_right_spd(second[b_key], G, decision.branch, lambda_, rcond)  # type: ignore[index]
             layers.append((module, branch, decision.cond))
         else:
-            B = first[b_key]
+            B = start[b_key].float().clone() if spec.frozen_B else first[b_key]
             layers.append((module, "-", None))
         out[a_key], out[b_key] = A.contiguous(), B.to(torch.float32).contiguous()
     return out, layers
@@ -298,7 +302,8 @@ def _publish(inner: Any, server_round: int, first: _Exchange, second: _Exchange 
     from uniflow_cli.global_info import GlobalInfo, global_meta
 
     opts, t = inner.options, inner.round_offset + server_round
-    tensors, layers = fused_tensors(opts.method, inner.current.tensors, first.total, second.total if second else None, opts.lambda_, opts.ridge, opts.rcond)
+    tensors, layers = fused_tensors(opts.method, inner.current.tensors, first.total, second.total if second else None, opts.lambda_, opts.ridge,
+                                    opts.rcond, round_=t)
     check_output(tensors, {})
     result = AggregationResult(tensors, dict(inner.current.peft_config), opts.method, [], [LayerReport(m, 0, b, c, None) for m, b, c in layers],
                                notes=["secure aggregation (SecAgg+): the server saw only the sums; per-client weights are not known"])
