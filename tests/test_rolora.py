@@ -46,36 +46,23 @@ def test_the_phase_of_a_round(round_, phase, uploads, frozen_A, frozen_B):
     assert method_spec("fedA2").at_round(round_) is method_spec("fedA2")  # every other method: itself in every round
 
 
+@pytest.mark.parametrize("sent, kept", [("B", "A"), ("A", "B")], ids=["B round", "A round"])
 @pytest.mark.parametrize("configs", [[peft_config(r=3)] * 3, CONFIGS], ids=["one alpha", "rsLoRA and alphas"])
-def test_a_B_round_is_exact_and_keeps_the_start_A(configs):
-    # Each client k trained s_k · B_k · A_start; the global's ΔW must be Σ w_k s_k B_k A_start (written out here).
+def test_a_round_is_exact_and_keeps_the_start_factor(sent, kept, configs):
+    # Each client k trained s_k · B_k · A_k with one factor the start's: the global's ΔW must be Σ w_k s_k B_k A_k
+    # (written out here), its frozen factor the start's bitwise (the next round trains under it).
     start = ClientUpdate("start", lora_tensors(9, r=3), peft_config(r=3))
     sets = [lora_tensors(seed, r=3) for seed in range(3)]
-    result = aggregate(ups([only(t, "B") for t in sets], configs), WEIGHTS, AggregationOptions(method="rolora"), start=start)
+    result = aggregate(ups([only(t, sent) for t in sets], configs), WEIGHTS, AggregationOptions(method="rolora"), start=start)
     w = torch.tensor(WEIGHTS, dtype=F64) / sum(WEIGHTS)
     for module in MODULES:
         key = PREFIX + module
-        A0 = start.tensors[key + ".lora_A.weight"]
-        target = sum(wk * s(c) * t[key + ".lora_B.weight"] @ A0 for wk, c, t in zip(w.tolist(), configs, sets))
-        assert torch.equal(result.tensors[key + ".lora_A.weight"], A0)  # bitwise: the next round trains under it
+        factors = [{**{f: t[f"{key}.lora_{f}.weight"] for f in "AB"}, kept: start.tensors[f"{key}.lora_{kept}.weight"]} for t in sets]
+        target = sum(wk * s(c) * f["B"] @ f["A"] for wk, c, f in zip(w.tolist(), configs, factors))
+        assert torch.equal(result.tensors[f"{key}.lora_{kept}.weight"], start.tensors[f"{key}.lora_{kept}.weight"])
         assert rel(delta(result.tensors, result.peft_config, module), target) <= 1e-12
     assert all(layer.rel_error is not None and layer.rel_error <= 1e-6 for layer in result.layers)  # exact (the Gram form: √round-off)
-    assert any("a round of B (A frozen" in note for note in result.notes)
-
-
-@pytest.mark.parametrize("configs", [[peft_config(r=3)] * 3, CONFIGS], ids=["one alpha", "rsLoRA and alphas"])
-def test_an_A_round_is_exact_and_keeps_the_start_B(configs):
-    start = ClientUpdate("start", lora_tensors(9, r=3), peft_config(r=3))
-    sets = [lora_tensors(seed, r=3) for seed in range(3)]
-    result = aggregate(ups([only(t, "A") for t in sets], configs), WEIGHTS, AggregationOptions(method="rolora"), start=start)
-    w = torch.tensor(WEIGHTS, dtype=F64) / sum(WEIGHTS)
-    for module in MODULES:
-        key = PREFIX + module
-        B0 = start.tensors[key + ".lora_B.weight"]
-        target = sum(wk * s(c) * B0 @ t[key + ".lora_A.weight"] for wk, c, t in zip(w.tolist(), configs, sets))
-        assert torch.equal(result.tensors[key + ".lora_B.weight"], B0)
-        assert rel(delta(result.tensors, result.peft_config, module), target) <= 1e-12
-    assert all(layer.rel_error is not None and layer.rel_error <= 1e-6 for layer in result.layers)
+    assert any(f"a round of {sent} ({kept} frozen" in note for note in result.notes)
 
 
 def test_an_A_round_with_one_alpha_is_the_plain_average_of_A():
