@@ -373,3 +373,29 @@ def test_summaries_skip_missing_values_and_format_as_mean_std_n():
     assert summarize([1, None, 3]) == Summary(2, 2.0, math.sqrt(2))
     assert fmt_summary(summarize([85.2])) == "85.20 (1)" and fmt_summary(summarize([])) == "–"
     assert fmt_summary(summarize([0.0336, 0.0330])) == "0.0333 ± 4.24e-04 (2)"  # small values: 3 significant digits
+
+
+def test_a_second_sweep_into_the_same_out_stops_with_one_line_and_runs_nothing(tmp_path):
+    import fcntl
+    import os
+
+    from uniflow_cli.sweep import LOCK_NAME, load_grid, plan_sweep, run_sweep
+
+    out = tmp_path / "out"
+    plan = plan_sweep(load_grid(grid_file(tmp_path, TINY)), out)
+    out.mkdir()
+    (out / LOCK_NAME).write_text("pid 4242, since 2026-12-01 10:00:00")
+    fd = os.open(out / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first sweep, as another process would hold it
+    try:
+        with pytest.raises(UsageError, match=r"another uniflow sweep is running in .*out \(pid 4242, since 2026-12-01 10:00:00\).*another --out"):
+            run_sweep(plan)
+        assert not (out / "runs").exists() and not plan.rows.exists()
+    finally:
+        os.close(fd)  # the holder ends: the lock goes with it, nothing to clean up
+    with pytest.raises(Exception) as nothing:  # now it is free: the same call goes on (into its first cell's work)
+        from uniflow_cli.sweep import one_sweep_at_a_time
+
+        with one_sweep_at_a_time(out):
+            raise RuntimeError("inside")
+    assert str(nothing.value) == "inside" and (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}, since ")

@@ -47,9 +47,11 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -727,12 +729,43 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, device: str = "auto", threads: 
     started = time.perf_counter()
     todo = plan.todo()
     outcome = SweepOutcome(plan.grid.name, plan.out, plan.rows, skipped=[s.cell.id for s in plan.states if s.status == "done"])
-    emit(SweepEvent("start", total=len(todo)))
-    if todo:
-        (_run_parallel if jobs > 1 else _run_serial)(plan, todo, outcome, jobs=jobs, device=device, threads=threads, emit=emit)
-    outcome.rows_written = publish_rows(plan)
+    with one_sweep_at_a_time(plan.out):  # two sweeps in one OUT would run the same cells into the same workspaces
+        emit(SweepEvent("start", total=len(todo)))
+        if todo:
+            (_run_parallel if jobs > 1 else _run_serial)(plan, todo, outcome, jobs=jobs, device=device, threads=threads, emit=emit)
+        outcome.rows_written = publish_rows(plan)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+LOCK_NAME = ".sweep.lock"
+
+
+@contextmanager
+def one_sweep_at_a_time(out: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on ``OUT/.sweep.lock`` while a sweep runs there: a second sweep into the
+    same OUT stops with one line naming the holder. The OS drops the lock when its process ends, however it ends,
+    so a killed sweep leaves no stale lock to clear (the file stays; it is only a handle). Where the OS has no
+    ``flock`` (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX here
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            raise UsageError(f"another uniflow sweep is running in {out} ({holder or 'its pid unknown'})",
+                             fix="wait for it to finish, or give this one another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _run_serial(plan: SweepPlan, todo: list[CellState], outcome: SweepOutcome, *, jobs: int, device: str, threads: int | None,
