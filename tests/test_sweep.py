@@ -399,3 +399,16 @@ def test_a_second_sweep_into_the_same_out_stops_with_one_line_and_runs_nothing(t
         with one_sweep_at_a_time(out):
             raise RuntimeError("inside")
     assert str(nothing.value) == "inside" and (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}, since ")
+
+
+def test_rows_with_the_function_space_gap_plot_it_too(tmp_path):
+    from uniflow_cli.sweep_report import build_sweep_report
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in hand_rows()))
+    assert sorted(build_sweep_report(plain).files) == ["g-a-accuracy.png", "g-a-rel_error.png", "g-b-accuracy.png", "g-b-rel_error.png", "g.md"]
+    gapped = tmp_path / "gap.jsonl"
+    gapped.write_text("".join(json.dumps({**r, "gap_train": 0.01 * r["round"], "gap_test": 0.02 * r["seed"]}) + "\n" for r in hand_rows()))
+    files = build_sweep_report(gapped).files
+    assert {"g-a-gap_train.png", "g-a-gap_test.png", "g-b-gap_test.png"} <= set(files)
+    assert files["g-a-gap_test.png"].startswith(b"\x89PNG") and files["g-a-gap_test.png"] != files["g-a-gap_train.png"]

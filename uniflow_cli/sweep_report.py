@@ -30,6 +30,7 @@ TASK_METRICS = {"classify": ("accuracy", "macro_f1", "client_accuracy", "client_
                 "qa": ("accuracy", "em", "bleu", "rouge_l", "bert_p", "bert_r", "bert_f1", "client_accuracy", "personal_accuracy", "rel_error", "gap_train", "gap_test")}
 DEFAULT_METRICS = {"classify": ("accuracy", "client_accuracy"), "qa": ("accuracy", "bert_f1")}
 PLOT_METRICS = ("accuracy", "rel_error")
+GAP_METRICS = ("gap_train", "gap_test")  # plotted too where the rows measured the function-space gap
 TITLES = {"accuracy": "Accuracy (%)", "macro_f1": "Macro-F1 (%)", "rel_error": "‖s·BA − U‖/‖U‖ (mean over layers)",
           "client_accuracy": "Accuracy of each client's model (%): FedSA/FedDPA personalised, mean over clients; others the global",
           "client_macro_f1": "Macro-F1 of each client's model (%)", "personal_accuracy": "Personalised accuracy (%), mean over clients",
@@ -401,10 +402,11 @@ def build_sweep_report(source: str | Path, *, metrics: Sequence[str] | None = No
         task = rows[0].get("task", "qa")
         chosen = check_metrics(metrics, task)
         names = []
+        measured_gap = any(r.get("gap_test") is not None or r.get("gap_train") is not None for r in rows)  # fidelity = true
         for column in columns_of(rows, task) if plots else []:
-            for metric in PLOT_METRICS:
-                if metric == "rel_error" and task == "qa" and column != OVERALL:
-                    continue  # the aggregation error is the global's, not a modality's
+            for metric in PLOT_METRICS + (GAP_METRICS if measured_gap else ()):
+                if metric in ("rel_error", *GAP_METRICS) and task == "qa" and column != OVERALL:
+                    continue  # the aggregation error and the loss gap are the global's, not a modality's
                 name = _safe(f"{grid}-{column}-{metric}.png")
                 files[name] = plot_over_rounds(rows, column, metric)
                 names.append(name)
