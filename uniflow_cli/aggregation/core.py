@@ -427,9 +427,11 @@ def aggregate(
                 delta = delta.T  # stored in the orientation of the base weight it is added to
             residual[base_weight_key(layer.module)] = delta.to(torch.float32).contiguous()
         error = None
-        if fused.B is not None:  # a frozen factor every client trained under (FFA's A, RoLoRA's): the fused one
-            As = [fused.A if a is None and method.frozen_A else a for a in As]
-            Bs = [fused.B if b is None and method.frozen_B else b for b in Bs]
+        # U needs the factor every client trained under but did not send: the start's frozen A (FFA, FedSVD, RoLoRA's
+        # B rounds) or B (RoLoRA's A rounds) — never the fused one, which FedSVD re-factorises.
+        frozen_A = start_A.to(linalg.work_dtype(start_A)) if start_A is not None else None
+        As = [frozen_A if a is None and frozen_A is not None else a for a in As]
+        Bs = [start_B if b is None and start_B is not None else b for b in Bs]
         UBs, UAs = target if target is not None else (Bs, As)  # the clipped target U, when clipping
         if compute_errors and fused.B is not None and all(x is not None for x in (*UBs, *UAs)):
             error = linalg.relative_error(fused.B, fused.A, UBs, UAs, weights)  # type: ignore[arg-type]
