@@ -23,10 +23,13 @@ PAGE = REPO / "docs" / "results.md"
 
 
 def metrics_for(rows_path: Path) -> list[str]:
-    """accuracy (+ the clients' own models' accuracy for classify), rel_error, and gap_test where measured."""
+    """accuracy (+ the clients' own models' accuracy for classify, and for qa where a method has client state),
+    rel_error, and gap_test where measured."""
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     task = rows[0].get("task", "classify") if rows else "classify"
     chosen = ["accuracy", "client_accuracy"] if task == "classify" else ["accuracy", "bert_f1"]
+    if task != "classify" and any(r.get("personal_accuracy") is not None for r in rows):
+        chosen.append("client_accuracy")  # a method with client state (FedSA's B, per module too): each client's model
     chosen.append("rel_error")
     if any(r.get("gap_test") is not None for r in rows):
         chosen += ["gap_train", "gap_test"]
@@ -53,6 +56,7 @@ COMBINED = {
                 "table4-snli-lora", "table4-snli-rslora", "table4-snli-vera"]),
     "table10": ("Table 10 analogue: ranks × method", ("accuracy", "rel_error", "gap_train", "gap_test"),
                 ["hetero-ranks", "hetero-after"]),
+    "table12": ("Table 12 analogue: adapter × ridge rule (λ = 1)", ("accuracy", "rel_error"), ["ridge", "ridge-vera"]),
 }
 
 
