@@ -340,6 +340,21 @@ def test_the_table_is_mean_std_n_over_seeds_at_the_final_round():
     assert [s.mean for _, s in [(l, v[0]) for l, v in errors.rows]] == pytest.approx([0.02, 0.02])
 
 
+def test_a_baseline_may_name_another_axis_than_the_method():
+    """``stages=joint``: a grid of one method compares its schedules; a per-module method's ``=`` is no axis."""
+    from uniflow_cli.sweep_report import baseline_axis, build_table, comparisons
+
+    rows = [{**r, "method": "fedA2", "knobs": {**r["knobs"], "method": "fedA2", "stages": r["method"]}} for r in hand_rows()]
+    rows = [{**r, "knobs": {**r["knobs"], "stages": {"fedit": "joint", "fedA2": "two-stage"}[r["knobs"]["stages"]]}} for r in rows]
+    table = build_table(rows, "accuracy")
+    assert table.axes == ["adapter", "method", "stages"] and baseline_axis(table, "stages=joint") == (2, "joint")
+    (labels, found), = comparisons(table, "stages=joint")
+    assert labels == ("lora", "fedA2", "two-stage")
+    assert (found[0].diff, found[1].diff) == pytest.approx((4.0, 1.0)) and found[0].beyond  # the method test's numbers, along stages
+    assert comparisons(table, "fedit") == [] and comparisons(table, "stages=reverse") == []  # no such row: nothing compared
+    assert baseline_axis(table, "encoders=fedsa,llm=fedA2") == (1, "encoders=fedsa,llm=fedA2")  # a method, not an axis
+
+
 def test_a_grid_page_and_plots_come_from_the_rows_only():
     from uniflow_cli.sweep_report import plot_over_rounds, render_grid
 

@@ -210,15 +210,29 @@ def build_table(rows: Sequence[Mapping[str, Any]], metric: str) -> Table:
     return table
 
 
+def baseline_axis(table: Table, baseline: str) -> tuple[int, str] | None:
+    """Which axis a baseline names, and its value: ``AXIS=VALUE`` where AXIS is one of the table's axes
+    (``stages=joint``: a grid of one method compares its schedules), else a method (a per-module spec such as
+    ``encoders=fedsa,llm=fedA2`` is a method too: its left side is no axis). None: the table has no such axis."""
+    axis, sep, value = baseline.partition("=")
+    if sep and axis in table.axes and axis != "method":
+        return table.axes.index(axis), value
+    return (table.axes.index("method"), baseline) if "method" in table.axes else None
+
+
 def comparisons(table: Table, baseline: str) -> list[tuple[tuple[Any, ...], list[Comparison]]]:
-    """Every row whose method is not ``baseline`` against the row that differs from it only in the method."""
-    m = table.axes.index("method")
+    """Every row whose baseline axis (the method, or the axis of ``AXIS=VALUE``) holds another value, against the
+    row that differs from it only there."""
+    found = baseline_axis(table, baseline)
+    if found is None:
+        return []
+    i, value = found
     out = []
     for labels, _ in table.rows:
-        if labels[m] == baseline:
+        if _label(labels[i]) == value:
             continue
-        base = labels[:m] + (baseline,) + labels[m + 1:]
-        if (base, table.columns[0]) not in table.seeds:
+        base = next((other for other, _ in table.rows if _label(other[i]) == value and other[:i] + other[i + 1:] == labels[:i] + labels[i + 1:]), None)
+        if base is None:
             continue
         out.append((labels, [_paired_if_matched(table.seeds[(labels, c)], table.seeds[(base, c)]) for c in table.columns]))
     return out
@@ -249,7 +263,7 @@ def render_table(table: Table, baseline: str | None) -> str:
              _md_row([*head, *table.columns]), _md_row(["---"] * len(head) + ["---:"] * len(table.columns))]
     lines += [_md_row([*map(_label, labels), *map(fmt_summary, summaries)]) for labels, summaries in table.rows]
     lines += ["", "mean ± sample std over seeds (n seeds) of each cell's final-round value."]
-    found = comparisons(table, baseline) if baseline and "method" in table.axes else []
+    found = comparisons(table, baseline) if baseline else []
     if found:
         lines += ["", (f"Difference from {baseline} (same row otherwise): Δ mean ± its standard error, paired by seed (the "
                        "seeds' partitions and round-0 adapters are shared; Welch's where the seeds differ); "
@@ -438,5 +452,5 @@ def make_sweep_report(source: str | Path, out_dir: str | Path, *, metrics: Seque
     return report
 
 
-__all__ = ["Comparison", "Summary", "SweepReport", "Table", "build_sweep_report", "build_table", "compare", "fmt_summary",
+__all__ = ["Comparison", "Summary", "SweepReport", "Table", "baseline_axis", "build_sweep_report", "build_table", "compare", "fmt_summary",
            "load_rows", "make_sweep_report", "plot_over_rounds", "render_grid", "render_table", "summarize"]

@@ -135,7 +135,7 @@ def report(
     out: Annotated[Path, typer.Option(*OUT_FLAGS, help="Output directory (must not exist unless --force).")] = Path("sweep-report"),
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated table metrics (default: accuracy; qa: accuracy,"
                                                    "bert_f1); rel_error is the aggregation error.", show_default=False)] = None,
-    baseline: Annotated[str, typer.Option("--baseline", help="The method every other is compared with (none: no comparison).")] = "fedit",
+    baseline: Annotated[str, typer.Option("--baseline", help="The method every other is compared with, or AXIS=VALUE to compare along another axis (stages=joint); none: no comparison.")] = "fedit",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
