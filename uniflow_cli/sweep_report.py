@@ -227,12 +227,12 @@ def comparisons(table: Table, baseline: str) -> list[tuple[tuple[Any, ...], list
     if found is None:
         return []
     i, value = found
+    rest = lambda labels: labels[:i] + labels[i + 1:]  # the row's labels but the baseline axis
+    bases = {rest(labels): labels for labels, _ in table.rows if _label(labels[i]) == value}
     out = []
     for labels, _ in table.rows:
-        if _label(labels[i]) == value:
-            continue
-        base = next((other for other, _ in table.rows if _label(other[i]) == value and other[:i] + other[i + 1:] == labels[:i] + labels[i + 1:]), None)
-        if base is None:
+        base = bases.get(rest(labels))
+        if base is None or base == labels:
             continue
         out.append((labels, [_paired_if_matched(table.seeds[(labels, c)], table.seeds[(base, c)]) for c in table.columns]))
     return out
